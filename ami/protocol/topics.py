@@ -1,0 +1,90 @@
+"""MQTT topic names: the one place that knows how the bus is laid out.
+
+Uplink flows meter -> relay -> head-end, downlink the other way; monitor
+topics carry status, metrics and events that anyone with the monitor
+credentials may read.  See docs/topics.md.
+"""
+
+from __future__ import annotations
+
+ROOT = "ami/v1"
+
+
+def plc_up(concentrator: str, meter: str) -> str:
+    """Meter -> relay, one ciphered APDU per message (raw bytes)."""
+    return f"{ROOT}/plc/{concentrator}/up/{meter}"
+
+
+def plc_down(concentrator: str, meter: str) -> str:
+    """Relay -> meter, one ciphered APDU per message (raw bytes)."""
+    return f"{ROOT}/plc/{concentrator}/down/{meter}"
+
+
+def plc_up_filter(concentrator: str) -> str:
+    return f"{ROOT}/plc/{concentrator}/up/+"
+
+
+def plc_down_filter(concentrator: str) -> str:
+    return f"{ROOT}/plc/{concentrator}/down/+"
+
+
+def wan_up(concentrator: str) -> str:
+    """Relay -> head-end, msgpack batches of unchanged APDUs."""
+    return f"{ROOT}/wan/{concentrator}/up"
+
+
+def wan_down(concentrator: str) -> str:
+    """Head-end -> relay, msgpack batches of unchanged APDUs."""
+    return f"{ROOT}/wan/{concentrator}/down"
+
+
+WAN_UP_FILTER = f"{ROOT}/wan/+/up"
+WAN_DOWN_FILTER = f"{ROOT}/wan/+/down"
+MONITOR_FILTER = f"{ROOT}/monitor/#"
+HEADEND_EVENTS = f"{ROOT}/monitor/headend/events"
+# Commands to the head-end (`ami keys rotate`, `ami read`); replies come back on
+# the per-request reply topic the command names.
+HEADEND_COMMANDS = f"{ROOT}/control/headend/commands"
+CONTROL_REPLIES_FILTER = f"{ROOT}/control/replies/#"
+
+
+def control_reply(request_id: str) -> str:
+    return f"{ROOT}/control/replies/{request_id}"
+
+
+def monitor_status(component: str, ident: str) -> str:
+    """Retained 'online'/'offline', the offline one set as the Last Will."""
+    return f"{ROOT}/monitor/{component}/{ident}/status"
+
+
+def monitor_metrics(component: str, ident: str) -> str:
+    """Retained JSON snapshot of counters, refreshed every few seconds."""
+    return f"{ROOT}/monitor/{component}/{ident}/metrics"
+
+
+def parse_plc_up(topic: str) -> tuple[str, str] | None:
+    """Return (concentrator, meter) for a PLC uplink topic, else None."""
+    return _parse_plc(topic, "up")
+
+
+def parse_plc_down(topic: str) -> tuple[str, str] | None:
+    return _parse_plc(topic, "down")
+
+
+def _parse_plc(topic: str, direction: str) -> tuple[str, str] | None:
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[0] != "ami" or parts[1] != "v1" or parts[2] != "plc":
+        return None
+    if parts[4] != direction or not parts[3] or not parts[5]:
+        return None
+    return parts[3], parts[5]
+
+
+def parse_wan(topic: str) -> tuple[str, str] | None:
+    """Return (concentrator, 'up'|'down') for a WAN topic, else None."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[:3] != ["ami", "v1", "wan"] or parts[4] not in ("up", "down"):
+        return None
+    if not parts[3]:
+        return None
+    return parts[3], parts[4]
