@@ -1,0 +1,235 @@
+"""Application association: xDLMS InitiateRequest/Response inside a minimal AARQ/AARE.
+
+The client (head-end over the LAN, handheld locally) generates a fresh
+dedicated (session) key and sends it in an InitiateRequest, ciphered as
+glo-initiateRequest (0x21) under the association's global key (CC_LAN or
+CC_LOCALE).  The meter answers with a glo-initiateResponse (0x28) under the
+same global key.  Data traffic then runs under the dedicated key.
+
+The service-specific 0x21/0x28 APDUs carry no system title, so, as in DLMS,
+they travel inside an ACSE AARQ/AARE that names the calling/responding
+AP-title.  We encode the minimal BER subset we need::
+
+    AARQ  60 L | A1 09 06 07 <LN with ciphering> | A6 0A 04 08 <calling title>
+               | BE L 04 L <glo-initiateRequest>
+    AARE  61 L | A1 09 06 07 <LN with ciphering> | A2 03 02 01 <result>
+               | A4 0A 04 08 <responding title> | [BE L 04 L <glo-initiateResponse>]
+
+Unknown elements are skipped; every length is bounds-checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._ber import decode_length, encode_length
+from .errors import MalformedFrame, MalformedMessage
+from .frames import MAX_APDU_SIZE, SYSTEM_TITLE_LEN
+
+#: Logical-name referencing with ciphering (application context id 3).
+APP_CONTEXT_LN_CIPHERED = bytes.fromhex("60857405080103")
+AARQ_TAG = 0x60
+AARE_TAG = 0x61
+DLMS_VERSION = 6
+DEFAULT_CONFORMANCE = 0x007E1F
+DEFAULT_MAX_PDU = 0x04B0
+VAA_NAME_LN = 0x0007
+_CONFORMANCE_TAG = bytes.fromhex("5F1F0400")
+
+
+@dataclass(frozen=True, slots=True)
+class InitiateRequest:
+    dedicated_key: bytes | None
+    conformance: int = DEFAULT_CONFORMANCE
+    max_pdu_size: int = DEFAULT_MAX_PDU
+    dlms_version: int = DLMS_VERSION
+
+    def __repr__(self) -> str:  # never show the dedicated key
+        has_key = self.dedicated_key is not None
+        return f"InitiateRequest(dedicated_key={'<secret>' if has_key else None}, conformance={self.conformance:#08x})"
+
+
+@dataclass(frozen=True, slots=True)
+class InitiateResponse:
+    conformance: int = 0x007C1F
+    max_pdu_size: int = DEFAULT_MAX_PDU
+    dlms_version: int = DLMS_VERSION
+    vaa_name: int = VAA_NAME_LN
+
+
+def encode_initiate_request(req: InitiateRequest) -> bytes:
+    out = bytearray((0x01,))
+    if req.dedicated_key is None:
+        out.append(0x00)
+    else:
+        if len(req.dedicated_key) != 16:
+            raise ValueError("dedicated key must be 16 bytes")
+        out += bytes((0x01, 0x10)) + req.dedicated_key
+    # response-allowed: default (TRUE), proposed-quality-of-service: absent.
+    out += bytes((0x00, 0x00, req.dlms_version))
+    out += _CONFORMANCE_TAG + req.conformance.to_bytes(3, "big")
+    out += req.max_pdu_size.to_bytes(2, "big")
+    return bytes(out)
+
+
+def decode_initiate_request(data: bytes) -> InitiateRequest:
+    try:
+        if data[0] != 0x01:
+            raise MalformedMessage("not an InitiateRequest")
+        pos = 1
+        key = None
+        if data[pos] == 0x01:
+            if data[pos + 1] != 0x10:
+                raise MalformedMessage("dedicated key must be 16 bytes")
+            key = bytes(data[pos + 2 : pos + 18])
+            if len(key) != 16:
+                raise MalformedMessage("truncated dedicated key")
+            pos += 18
+        elif data[pos] == 0x00:
+            pos += 1
+        else:
+            raise MalformedMessage("bad dedicated-key presence flag")
+        # response-allowed (00 = default TRUE, or 01 <bool>), QoS (00 or 01 <int8>).
+        for _ in range(2):
+            if data[pos] == 0x00:
+                pos += 1
+            elif data[pos] == 0x01:
+                pos += 2
+            else:
+                raise MalformedMessage("bad optional field flag")
+        version = data[pos]
+        if bytes(data[pos + 1 : pos + 5]) != _CONFORMANCE_TAG:
+            raise MalformedMessage("bad conformance block")
+        conformance = int.from_bytes(data[pos + 5 : pos + 8], "big")
+        max_pdu = int.from_bytes(data[pos + 8 : pos + 10], "big")
+        if pos + 10 != len(data):
+            raise MalformedMessage("trailing bytes after InitiateRequest")
+    except IndexError:
+        raise MalformedMessage("truncated InitiateRequest") from None
+    return InitiateRequest(key, conformance, max_pdu, version)
+
+
+def encode_initiate_response(resp: InitiateResponse) -> bytes:
+    return (
+        bytes((0x08, 0x00, resp.dlms_version))
+        + _CONFORMANCE_TAG
+        + resp.conformance.to_bytes(3, "big")
+        + resp.max_pdu_size.to_bytes(2, "big")
+        + resp.vaa_name.to_bytes(2, "big")
+    )
+
+
+def decode_initiate_response(data: bytes) -> InitiateResponse:
+    if len(data) != 14 or data[0] != 0x08 or data[1] != 0x00:
+        raise MalformedMessage("not an InitiateResponse")
+    if bytes(data[3:7]) != _CONFORMANCE_TAG:
+        raise MalformedMessage("bad conformance block")
+    return InitiateResponse(
+        conformance=int.from_bytes(data[7:10], "big"),
+        max_pdu_size=int.from_bytes(data[10:12], "big"),
+        dlms_version=data[2],
+        vaa_name=int.from_bytes(data[12:14], "big"),
+    )
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return bytes((tag,)) + encode_length(len(value)) + value
+
+
+def _context() -> bytes:
+    return _tlv(0xA1, _tlv(0x06, APP_CONTEXT_LN_CIPHERED))
+
+
+def _title(tag: int, title: bytes) -> bytes:
+    if len(title) != SYSTEM_TITLE_LEN:
+        raise ValueError("a system title is 8 bytes")
+    return _tlv(tag, _tlv(0x04, title))
+
+
+def build_aarq(calling_title: bytes, initiate_apdu: bytes) -> bytes:
+    body = _context() + _title(0xA6, calling_title) + _tlv(0xBE, _tlv(0x04, initiate_apdu))
+    return _tlv(AARQ_TAG, body)
+
+
+def build_aare(responding_title: bytes, accepted: bool, initiate_apdu: bytes | None) -> bytes:
+    body = _context() + _tlv(0xA2, _tlv(0x02, bytes((0 if accepted else 1,))))
+    body += _title(0xA4, responding_title)
+    if initiate_apdu is not None:
+        body += _tlv(0xBE, _tlv(0x04, initiate_apdu))
+    return _tlv(AARE_TAG, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Aarq:
+    calling_title: bytes
+    initiate_apdu: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Aare:
+    responding_title: bytes
+    accepted: bool
+    initiate_apdu: bytes | None
+
+
+def _elements(data: bytes, outer_tag: int) -> dict[int, bytes]:
+    if len(data) > MAX_APDU_SIZE:
+        raise MalformedFrame("association APDU too large")
+    if len(data) < 2 or data[0] != outer_tag:
+        raise MalformedFrame("not the expected ACSE APDU")
+    length, pos = decode_length(data, 1)
+    if length != len(data) - pos:
+        raise MalformedFrame("ACSE length does not match the frame")
+    elements: dict[int, bytes] = {}
+    while pos < len(data):
+        tag = data[pos]
+        length, start = decode_length(data, pos + 1)
+        end = start + length
+        if end > len(data):
+            raise MalformedFrame("ACSE element overruns the frame")
+        if tag in elements:
+            raise MalformedFrame("duplicate ACSE element")
+        elements[tag] = bytes(data[start:end])
+        pos = end
+    return elements
+
+
+def _inner(value: bytes, tag: int) -> bytes:
+    if len(value) < 2 or value[0] != tag:
+        raise MalformedFrame("unexpected ACSE inner element")
+    length, pos = decode_length(value, 1)
+    if length != len(value) - pos:
+        raise MalformedFrame("ACSE inner length mismatch")
+    return value[pos:]
+
+
+def _check_context(elements: dict[int, bytes]) -> None:
+    if 0xA1 not in elements or _inner(elements[0xA1], 0x06) != APP_CONTEXT_LN_CIPHERED:
+        raise MalformedFrame("application context is not LN with ciphering")
+
+
+def _parse_title(value: bytes) -> bytes:
+    title = _inner(value, 0x04)
+    if len(title) != SYSTEM_TITLE_LEN:
+        raise MalformedFrame("AP-title is not an 8-byte system title")
+    return title
+
+
+def parse_aarq(data: bytes) -> Aarq:
+    el = _elements(data, AARQ_TAG)
+    _check_context(el)
+    if 0xA6 not in el or 0xBE not in el:
+        raise MalformedFrame("AARQ lacks calling AP-title or user information")
+    return Aarq(_parse_title(el[0xA6]), _inner(el[0xBE], 0x04))
+
+
+def parse_aare(data: bytes) -> Aare:
+    el = _elements(data, AARE_TAG)
+    _check_context(el)
+    if 0xA2 not in el or 0xA4 not in el:
+        raise MalformedFrame("AARE lacks result or responding AP-title")
+    result = _inner(el[0xA2], 0x02)
+    if len(result) != 1:
+        raise MalformedFrame("bad AARE result")
+    apdu = _inner(el[0xBE], 0x04) if 0xBE in el else None
+    return Aare(_parse_title(el[0xA4]), result[0] == 0, apdu)

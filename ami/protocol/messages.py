@@ -1,0 +1,281 @@
+"""Application messages carried inside ciphered APDUs, and WAN relay batches.
+
+Every message is a msgpack map ``{"v": 1, "t": <type>, ...}`` with short keys.
+Decoding is bounded (msgpack limits set from the frame size), tolerant of
+unknown fields (a newer peer may add some) and strict about the fields it
+knows: a wrong type or a missing field raises ``MalformedMessage``.  A
+message of another major version is refused rather than misread.
+
+This is a deliberate simplification of DLMS: payloads are msgpack, not A-XDR
+COSEM objects (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+
+from .errors import MalformedMessage, MessageTooLarge
+from .frames import MAX_APDU_SIZE
+
+VERSION = 1
+#: A WAN batch holds at most this many frames and bytes.
+MAX_BATCH_FRAMES = 4096
+MAX_BATCH_BYTES = 2 * 1024 * 1024
+_MAX_ITEMS = 512  # readings in one gap-fill reply, etc.
+
+EVENT_KINDS = frozenset({"boot", "outage", "restore", "tamper", "key_change", "counter_threshold"})
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One load-curve point: index (Wh), interval average power (W), voltage."""
+
+    seq: int  # interval number: the head-end detects gaps on it
+    ts: int  # interval end, Unix seconds (meter clock)
+    energy_wh: int
+    power_w: int
+    voltage_dv: int  # decivolts, 2300 = 230.0 V
+    sealed_ns: int | None = None  # wall clock at sealing, for latency reports
+
+    def to_map(self) -> dict[str, Any]:
+        out = {"q": self.seq, "ts": self.ts, "e": self.energy_wh, "p": self.power_w, "u": self.voltage_dv}
+        if self.sealed_ns is not None:
+            out["t0"] = self.sealed_ns
+        return out
+
+    @classmethod
+    def from_map(cls, m: dict) -> "Reading":
+        return cls(
+            _int(m, "q"), _int(m, "ts"), _int(m, "e"), _int(m, "p"), _int(m, "u"), _int(m, "t0", optional=True)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    ts: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadReply:
+    request_id: int
+    reading: Reading
+
+
+@dataclass(frozen=True, slots=True)
+class GapFillRequest:
+    request_id: int
+    first_seq: int
+    last_seq: int  # inclusive
+
+
+@dataclass(frozen=True, slots=True)
+class GapFillReply:
+    request_id: int
+    readings: tuple[Reading, ...]
+    #: Sequence numbers the meter no longer holds (ring buffer overwritten).
+    unavailable: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTransfer:
+    request_id: int
+    setup: str  # "lan" or "local": which security setup object
+    param: bytes = field(repr=False)  # DLMS key_transfer parameter (wrapped keys)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTransferAck:
+    request_id: int
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Either side ends the association; the session key is forgotten."""
+
+    reason: str = ""
+
+
+Message = Union[
+    Reading, Event, ReadRequest, ReadReply, GapFillRequest, GapFillReply, KeyTransfer, KeyTransferAck, Release
+]
+
+
+def _int(m: dict, key: str, *, optional: bool = False) -> Any:
+    value = m.get(key)
+    if value is None and optional:
+        return None
+    if type(value) is not int:
+        raise MalformedMessage(f"field {key!r} must be an integer")
+    return value
+
+
+def _str(m: dict, key: str, *, default: str | None = None, limit: int = 256) -> str:
+    value = m.get(key, default)
+    if not isinstance(value, str) or len(value) > limit:
+        raise MalformedMessage(f"field {key!r} must be a short string")
+    return value
+
+
+def encode_message(msg: Message) -> bytes:
+    m: dict[str, Any]
+    if isinstance(msg, Reading):
+        m = {"t": "rd", **msg.to_map()}
+    elif isinstance(msg, Event):
+        m = {"t": "ev", "k": msg.kind, "ts": msg.ts, "d": msg.detail}
+    elif isinstance(msg, ReadRequest):
+        m = {"t": "rq", "id": msg.request_id}
+    elif isinstance(msg, ReadReply):
+        m = {"t": "rr", "id": msg.request_id, "r": msg.reading.to_map()}
+    elif isinstance(msg, GapFillRequest):
+        m = {"t": "gq", "id": msg.request_id, "a": msg.first_seq, "b": msg.last_seq}
+    elif isinstance(msg, GapFillReply):
+        m = {
+            "t": "gr",
+            "id": msg.request_id,
+            "r": [r.to_map() for r in msg.readings],
+            "x": list(msg.unavailable),
+        }
+    elif isinstance(msg, KeyTransfer):
+        m = {"t": "kt", "id": msg.request_id, "s": msg.setup, "k": bytes(msg.param)}
+    elif isinstance(msg, KeyTransferAck):
+        m = {"t": "ka", "id": msg.request_id, "ok": msg.ok, "why": msg.reason}
+    elif isinstance(msg, Release):
+        m = {"t": "rl", "why": msg.reason}
+    else:
+        raise TypeError(f"not a message: {type(msg).__name__}")
+    m["v"] = VERSION
+    return msgpack.packb(m, use_bin_type=True)
+
+
+def _unpack(data: bytes, limit: int) -> Any:
+    if len(data) > limit:
+        raise MessageTooLarge(f"payload of {len(data)} bytes exceeds {limit}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_buffer_size=limit,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=64 if limit <= MAX_APDU_SIZE else limit,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types on garbage
+        raise MalformedMessage(f"not valid msgpack ({type(exc).__name__})") from None
+
+
+def _map(obj: Any) -> dict:
+    if not isinstance(obj, dict):
+        raise MalformedMessage("message is not a map")
+    version = obj.get("v")
+    if version != VERSION:
+        raise MalformedMessage(f"unsupported message version {version!r}")
+    return obj
+
+
+def _reading(obj: Any) -> Reading:
+    if not isinstance(obj, dict):
+        raise MalformedMessage("reading is not a map")
+    return Reading.from_map(obj)
+
+
+def decode_message(data: bytes) -> Message:
+    m = _map(_unpack(data, MAX_APDU_SIZE))
+    t = m.get("t")
+    if t == "rd":
+        return Reading.from_map(m)
+    if t == "ev":
+        kind = _str(m, "k")
+        if kind not in EVENT_KINDS:
+            raise MalformedMessage("unknown event kind")
+        return Event(kind, _int(m, "ts"), _str(m, "d", default=""))
+    if t == "rq":
+        return ReadRequest(_int(m, "id"))
+    if t == "rr":
+        return ReadReply(_int(m, "id"), _reading(m.get("r")))
+    if t == "gq":
+        first, last = _int(m, "a"), _int(m, "b")
+        if last < first or last - first >= _MAX_ITEMS:
+            raise MalformedMessage("gap-fill range empty or too wide")
+        return GapFillRequest(_int(m, "id"), first, last)
+    if t == "gr":
+        items, missing = m.get("r"), m.get("x", [])
+        if not isinstance(items, list) or not isinstance(missing, list) or len(items) + len(missing) > _MAX_ITEMS:
+            raise MalformedMessage("bad gap-fill reply lists")
+        if any(type(x) is not int for x in missing):
+            raise MalformedMessage("gap-fill 'unavailable' must be integers")
+        return GapFillReply(_int(m, "id"), tuple(_reading(r) for r in items), tuple(missing))
+    if t == "kt":
+        setup = _str(m, "s")
+        if setup not in ("lan", "local"):
+            raise MalformedMessage("unknown security setup")
+        param = m.get("k")
+        if not isinstance(param, bytes):
+            raise MalformedMessage("key_transfer parameter must be bytes")
+        return KeyTransfer(_int(m, "id"), setup, param)
+    if t == "ka":
+        ok = m.get("ok")
+        if not isinstance(ok, bool):
+            raise MalformedMessage("field 'ok' must be a boolean")
+        return KeyTransferAck(_int(m, "id"), ok, _str(m, "why", default=""))
+    if t == "rl":
+        return Release(_str(m, "why", default=""))
+    raise MalformedMessage(f"unknown message type {t!r}"[:80])
+
+
+# --- WAN batches: relay <-> head-end -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Frames a relay forwards, each the meter id from the PLC topic and the
+    APDU exactly as received (the relay never touches the bytes)."""
+
+    concentrator: str
+    seq: int
+    frames: tuple[tuple[str, bytes], ...]
+
+
+def encode_batch(batch: Batch) -> bytes:
+    return msgpack.packb(
+        {"v": VERSION, "c": batch.concentrator, "n": batch.seq, "f": [[m, f] for m, f in batch.frames]},
+        use_bin_type=True,
+    )
+
+
+def decode_batch(data: bytes) -> Batch:
+    m = _map(_unpack(data, MAX_BATCH_BYTES))
+    conc, seq, frames = m.get("c"), m.get("n"), m.get("f")
+    if not isinstance(conc, str) or not conc or len(conc) > 64:
+        raise MalformedMessage("batch concentrator id missing")
+    if type(seq) is not int:
+        raise MalformedMessage("batch sequence number missing")
+    if not isinstance(frames, list) or len(frames) > MAX_BATCH_FRAMES:
+        raise MalformedMessage("batch frames missing or too many")
+    out = []
+    for item in frames:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], bytes)
+            or len(item[0]) > 64
+        ):
+            raise MalformedMessage("batch item is not [meter, bytes]")
+        out.append((item[0], item[1]))
+    return Batch(conc, seq, tuple(out))
