@@ -101,7 +101,7 @@ _INTEGRITY_FAILED = "unwrap failed: integrity check failed (wrong KEK or corrupt
 
 
 class _VaultBase:
-    """repr, context manager and the default bulk unwrap shared by backends."""
+    """repr and context manager shared by the backends."""
 
     name: str
 
@@ -110,12 +110,6 @@ class _VaultBase:
         return f"<{type(self).__name__} {self.name}>"
 
     __str__ = __repr__
-
-    def unwrap(self, wrapped: bytes) -> bytes:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]:
-        return [self.unwrap(w) for w in wrapped]
 
     def close(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -179,19 +173,23 @@ def _load_or_create_kek(path: Path, create: bool) -> bytes:
         if not create:
             raise VaultError(f"KEK file {path} does not exist") from None
     _create_kek(path)
-    return _read_kek(path)
+    try:
+        return _read_kek(path)
+    except FileNotFoundError:  # e.g. a dangling symlink in the way
+        raise VaultError(f"KEK file {path} could not be created") from None
 
 
 def _read_kek(path: Path) -> bytes:
-    # O_NOFOLLOW: a symlink planted in place of the KEK file is refused.
+    # Symlinks are followed on purpose (Kubernetes mounts secrets through
+    # them); the checks below are made on the file actually opened.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise VaultError(f"cannot open KEK file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())  # fstat on the open fd: no check/use race
+    try:
+        st = os.fstat(fd)  # fstat on the open fd: no check/use race
         if not stat.S_ISREG(st.st_mode):
             raise VaultError(f"KEK file {path} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)
@@ -208,7 +206,9 @@ def _read_kek(path: Path) -> bytes:
             raise VaultError(
                 f"KEK file {path} is {st.st_size} bytes, expected {KEK_LEN} raw bytes"
             )
-        kek = f.read(KEK_LEN + 1)
+        kek = os.read(fd, KEK_LEN + 1)
+    finally:
+        os.close(fd)
     if len(kek) != KEK_LEN:
         raise VaultError(f"KEK file {path} changed size while being read")
     return kek
@@ -266,9 +266,9 @@ class _TokenLogin:
 
     lib_path: str
     token_label: str
-    session: Any
-    pin_digest: bytes
-    salt: bytes
+    session: Any = field(repr=False)
+    pin_digest: bytes = field(repr=False)
+    salt: bytes = field(repr=False)
     refs: int = 1
 
     @staticmethod
@@ -292,8 +292,8 @@ class _Pkcs11Worker:
     pid: int = field(default_factory=os.getpid)
     executor: ThreadPoolExecutor = field(init=False)
     thread_id: int | None = None
-    libs: dict[str, Any] = field(default_factory=dict)
-    logins: dict[tuple[str, str], _TokenLogin] = field(default_factory=dict)
+    libs: dict[str, Any] = field(default_factory=dict, repr=False)
+    logins: dict[tuple[str, str], _TokenLogin] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.executor = ThreadPoolExecutor(
@@ -339,6 +339,7 @@ class _Pkcs11Worker:
             token = lib.get_token(token_label=token_label)
             session = token.open(rw=True, user_pin=pin)
         except pkcs11.PKCS11Error as exc:
+            self._release_lib(lib_path)
             # The exception names are PKCS#11 return codes, never the PIN.
             raise VaultError(
                 f"PKCS#11 login to token {token_label!r} failed: {type(exc).__name__}"
@@ -356,13 +357,17 @@ class _Pkcs11Worker:
         try:
             login.session.close()  # C_Logout + C_CloseSession
         finally:
-            if not any(k[0] == login.lib_path for k in self.logins):
-                # Nothing else uses this module: C_Finalize frees its sessions
-                # and lets the next open re-read its config (SoftHSM2 reads
-                # SOFTHSM2_CONF in C_Initialize).  The lib object stays cached.
-                lib = self.libs[login.lib_path]
-                if lib.initialized:
-                    lib.finalize()
+            self._release_lib(login.lib_path)
+
+    def _release_lib(self, lib_path: str) -> None:
+        if any(k[0] == lib_path for k in self.logins):
+            return
+        # Nothing else uses this module: C_Finalize frees its sessions and
+        # lets the next open re-read its config (SoftHSM2 reads SOFTHSM2_CONF
+        # in C_Initialize).  The lib object itself stays cached.
+        lib = self.libs.get(lib_path)
+        if lib is not None and lib.initialized:
+            lib.finalize()
 
 
 _worker_lock = threading.Lock()

@@ -168,14 +168,16 @@ def _unpack(data: bytes, limit: int) -> Any:
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=limit,
             max_str_len=limit,
             max_bin_len=limit,
             max_array_len=limit,
             max_map_len=64 if limit <= MAX_APDU_SIZE else limit,
             max_ext_len=0,
         )
-    except Exception as exc:  # msgpack raises a zoo of types on garbage
+    except (ValueError, msgpack.UnpackException) as exc:
+        # On garbage msgpack raises ValueError subclasses (ExtraData, FormatError,
+        # StackError, UnicodeDecodeError...).  Nothing broader: a blanket
+        # ``except Exception`` once hid a TypeError that refused every message.
         raise MalformedMessage(f"not valid msgpack ({type(exc).__name__})") from None
 
 
@@ -183,7 +185,7 @@ def _map(obj: Any) -> dict:
     if not isinstance(obj, dict):
         raise MalformedMessage("message is not a map")
     version = obj.get("v")
-    if version != VERSION:
+    if type(version) is not int or version != VERSION:  # True == 1 == 1.0 in Python
         raise MalformedMessage(f"unsupported message version {version!r}")
     return obj
 

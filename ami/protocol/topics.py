@@ -88,3 +88,27 @@ def parse_wan(topic: str) -> tuple[str, str] | None:
     if not parts[3]:
         return None
     return parts[3], parts[4]
+
+
+def local_in(concentrator: str, meter: str) -> str:
+    """Handheld -> meter (the optical port, not the PLC medium)."""
+    return f"{ROOT}/local/{concentrator}/{meter}/in"
+
+
+def local_out(concentrator: str, meter: str) -> str:
+    """Meter -> handheld."""
+    return f"{ROOT}/local/{concentrator}/{meter}/out"
+
+
+def local_in_filter(concentrator: str) -> str:
+    return f"{ROOT}/local/{concentrator}/+/in"
+
+
+def parse_local(topic: str) -> tuple[str, str, str] | None:
+    """Return (concentrator, meter, 'in'|'out') for a local-port topic, else None."""
+    parts = topic.split("/")
+    if len(parts) != 6 or parts[:3] != ["ami", "v1", "local"] or parts[5] not in ("in", "out"):
+        return None
+    if not parts[3] or not parts[4]:
+        return None
+    return parts[3], parts[4], parts[5]

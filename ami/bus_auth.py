@@ -1,0 +1,407 @@
+"""Bus security material: who may say what on the MQTT bus, and the files
+that make both brokers (embedded amqtt, or Mosquitto) enforce it.
+
+The ACL table below is the single source of truth.  `acl_allows` evaluates it
+directly (the amqtt plugin in ami.amqtt_acl calls it); `write_bus_security`
+renders it into the formats each broker reads.  See docs/bus-security.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import ipaddress
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from ami.protocol.topics import ROOT
+
+Action = Literal["publish", "subscribe"]
+
+# Segment ids end up inside topic filters, so anything that is a topic
+# separator or wildcard ('/', '+', '#') must never get through.
+_SEGMENT_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+# Per-segment identities: "{c}" is the concentrator id taken from the user name.
+_SEGMENT_ROLES: dict[str, Permissions] = {
+    # All meters of one PLC segment share one connection (and one identity).
+    "plc": Permissions(
+        publish=(f"{ROOT}/plc/{{c}}/up/+", f"{ROOT}/local/{{c}}/+/out"),
+        subscribe=(f"{ROOT}/plc/{{c}}/down/+", f"{ROOT}/local/{{c}}/+/in"),
+    ),
+    "relay": Permissions(
+        publish=(f"{ROOT}/plc/{{c}}/down/+", f"{ROOT}/wan/{{c}}/up"),
+        subscribe=(f"{ROOT}/plc/{{c}}/up/+", f"{ROOT}/wan/{{c}}/down"),
+    ),
+}
+
+_FIXED_ROLES: dict[str, Permissions] = {
+    "meters": Permissions(publish=(f"{ROOT}/monitor/meters/#",), subscribe=()),
+    "concentrator": Permissions(publish=(f"{ROOT}/monitor/concentrator/#",), subscribe=()),
+    "headend": Permissions(
+        publish=(f"{ROOT}/wan/+/down", f"{ROOT}/monitor/headend/#", f"{ROOT}/control/replies/#"),
+        subscribe=(f"{ROOT}/wan/+/up", f"{ROOT}/control/headend/commands"),
+    ),
+    "operator": Permissions(
+        publish=(f"{ROOT}/control/headend/commands",),
+        subscribe=(f"{ROOT}/control/replies/#", f"{ROOT}/monitor/#"),
+    ),
+    "tsp": Permissions(publish=(f"{ROOT}/local/+/+/in",), subscribe=(f"{ROOT}/local/+/+/out",)),
+    "monitor": Permissions(publish=(), subscribe=(f"{ROOT}/monitor/#",)),
+}
+
+FIXED_USERS: tuple[str, ...] = tuple(_FIXED_ROLES)
+
+
+def check_segment_id(concentrator: str) -> str:
+    if not _SEGMENT_ID.fullmatch(concentrator):
+        raise ValueError(f"invalid concentrator id {concentrator!r}")
+    return concentrator
+
+
+def bus_users(concentrators: Iterable[str]) -> list[str]:
+    """Every identity a network with these concentrators needs."""
+    users: list[str] = []
+    for c in concentrators:
+        check_segment_id(c)
+        users += [f"plc-{c}", f"relay-{c}"]
+    return users + list(FIXED_USERS)
+
+
+def permissions(user: str) -> Permissions | None:
+    """The table row for `user`, with the segment filled in; None if unknown."""
+    if user in _FIXED_ROLES:
+        return _FIXED_ROLES[user]
+    role, sep, c = user.partition("-")
+    if not sep or role not in _SEGMENT_ROLES or not _SEGMENT_ID.fullmatch(c):
+        return None
+    row = _SEGMENT_ROLES[role]
+    return Permissions(
+        publish=tuple(f.format(c=c) for f in row.publish),
+        subscribe=tuple(f.format(c=c) for f in row.subscribe),
+    )
+
+
+def _valid_filter(levels: list[str]) -> bool:
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
+
+
+def filter_covers(allowed: str, requested: str) -> bool:
+    """True if every topic matched by `requested` is also matched by `allowed`.
+
+    A concrete topic is a filter matching only itself, so this is also plain
+    topic matching.  Unlike amqtt's own ACL matcher, an allowed '+' does not
+    cover a requested '#' (that would widen a one-level grant to a subtree).
+    """
+    a_levels, r_levels = allowed.split("/"), requested.split("/")
+    if not _valid_filter(r_levels):
+        return False
+    for i, a in enumerate(a_levels):
+        if a == "#":
+            return True  # '#' also matches its parent level, so a shorter request is fine
+        if i >= len(r_levels):
+            return False
+        r = r_levels[i]
+        if r == "#":
+            return False  # a subtree request is only covered by '#'
+        if a != "+" and a != r:
+            return False  # literal must match literally; a requested '+' needs an allowed '+'
+    return len(r_levels) == len(a_levels)
+
+
+@functools.lru_cache(maxsize=65536)  # called per message by the amqtt plugin
+def acl_allows(user: str, action: Action, topic: str) -> bool:
+    """Whether `user` may publish to `topic`, or subscribe to the filter `topic`."""
+    perms = permissions(user) if user else None
+    if perms is None or not topic:
+        return False
+    if action == "publish":
+        if "+" in topic or "#" in topic:
+            return False  # wildcards are never valid in a PUBLISH topic
+        filters = perms.publish
+    elif action == "subscribe":
+        filters = perms.subscribe
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    return any(filter_covers(f, topic) for f in filters)
+
+
+# --------------------------------------------------------------------------
+# Generated files
+
+
+class _TokenSource(Protocol):
+    def token_urlsafe(self, nbytes: int | None = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class BusSecurity:
+    bus_dir: Path
+    credentials: Path
+    amqtt_passwd: Path
+    amqtt_acl: Path
+    mosquitto_passwd: Path
+    mosquitto_acl: Path
+    mosquitto_conf: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    passwords: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def users(self) -> list[str]:
+        return list(self.passwords)
+
+    def password(self, user: str) -> str:
+        return self.passwords[user]
+
+    @classmethod
+    def at(cls, bus_dir: Path) -> BusSecurity:
+        """Paths under an existing bus dir, passwords read from credentials.json."""
+        bus_dir = Path(bus_dir)
+        creds = bus_dir / "credentials.json"
+        passwords = json.loads(creds.read_text()) if creds.exists() else {}
+        return cls(
+            bus_dir=bus_dir,
+            credentials=creds,
+            amqtt_passwd=bus_dir / "amqtt_passwd",
+            amqtt_acl=bus_dir / "amqtt_acl.json",
+            mosquitto_passwd=bus_dir / "passwd",
+            mosquitto_acl=bus_dir / "acl",
+            mosquitto_conf=bus_dir / "mosquitto.conf",
+            ca=bus_dir / "ca.pem",
+            server_cert=bus_dir / "server.pem",
+            server_key=bus_dir / "server.key",
+            passwords=passwords,
+        )
+
+
+def _write(path: Path, data: str | bytes, mode: int) -> None:
+    """Write via a temp file and rename, with the mode set before any byte lands."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is ignored if tmp already existed
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_bus_security(
+    out_dir: Path,
+    concentrators: list[str],
+    *,
+    rng: _TokenSource = secrets,
+    mqtt_port: int = 1883,
+    tls_port: int = 8883,
+    server_names: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
+) -> BusSecurity:
+    """Generate credentials, ACLs and TLS material under `out_dir/bus/`.
+
+    Everything is regenerated: new passwords, a new CA.  The ports only go
+    into the Mosquitto config; amqtt takes them from ami.broker's settings.
+    """
+    bus_dir = Path(out_dir) / "bus"
+    bus_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(bus_dir, 0o700)
+    # 32 random bytes: a slow password hash adds nothing against brute force,
+    # which is why the amqtt hashes below can use cheap Argon2 parameters.
+    passwords = {user: rng.token_urlsafe(32) for user in bus_users(concentrators)}
+    sec = dataclasses.replace(BusSecurity.at(bus_dir), passwords=passwords)
+
+    _write(sec.credentials, json.dumps(passwords, indent=2) + "\n", 0o600)
+    _write(sec.amqtt_passwd, _amqtt_passwd(passwords), 0o600)
+    _write(sec.amqtt_acl, json.dumps(amqtt_acl_config(passwords), indent=2) + "\n", 0o644)
+    _write_mosquitto_passwd(sec.mosquitto_passwd, passwords)
+    _write(sec.mosquitto_acl, mosquitto_acl(passwords), 0o644)
+    _write_tls(sec, server_names)
+    _write(sec.mosquitto_conf, mosquitto_conf(sec, mqtt_port=mqtt_port, tls_port=tls_port), 0o644)
+    return sec
+
+
+# amqtt 0.12.1's FileAuthPlugin verifies argon2 (and deprecated $6$ crypt) hashes
+# through pwdlib.  The verify cost is read from each hash, and it runs inline on
+# the broker's event loop: argon2-cffi defaults (t=3, m=64 MiB, p=4) take ~100 ms
+# per CONNECT, these ~2 ms.
+_ARGON2 = {"time_cost": 1, "memory_cost": 8192, "parallelism": 1}
+
+
+def _amqtt_passwd(passwords: dict[str, str]) -> str:
+    from pwdlib.hashers.argon2 import Argon2Hasher  # amqtt's own dependency
+
+    hasher = Argon2Hasher(**_ARGON2)
+    return "".join(f"{user}:{hasher.hash(pw)}\n" for user, pw in passwords.items())
+
+
+def amqtt_acl_config(users: Iterable[str]) -> dict[str, Any]:
+    """The table as the Config of amqtt's stock TopicAccessControlListPlugin.
+
+    Exported for people running the stock `amqtt` broker; ami.broker itself
+    enforces the table with ami.amqtt_acl instead (see docs for why).  In
+    plugin-style config that plugin only accepts `acl` (subscribe) and
+    `publish_acl`; `subscribe_acl`/`receive_acl` are rejected by its Config.
+    """
+    publish: dict[str, list[str]] = {}
+    subscribe: dict[str, list[str]] = {}
+    for user in users:
+        perms = permissions(user)
+        assert perms is not None, user
+        publish[user] = list(perms.publish)
+        subscribe[user] = list(perms.subscribe)
+    return {"publish_acl": publish, "acl": subscribe}
+
+
+def mosquitto_acl(users: Iterable[str]) -> str:
+    lines = ["# Generated by ami.bus_auth from the ACL table; do not edit.", ""]
+    for user in users:
+        perms = permissions(user)
+        assert perms is not None, user
+        lines.append(f"user {user}")
+        lines += [f"topic write {f}" for f in perms.publish]
+        lines += [f"topic read {f}" for f in perms.subscribe]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def mosquitto_pbkdf2_hash(password: str, *, salt: bytes | None = None, iterations: int = 101) -> str:
+    """Mosquitto's `$7$` entry: PBKDF2-HMAC-SHA512, as mosquitto_passwd writes it."""
+    salt = salt if salt is not None else os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"$7${iterations}${b64(salt)}${b64(digest)}"
+
+
+def _write_mosquitto_passwd(path: Path, passwords: dict[str, str]) -> None:
+    # Prefer the real tool so the format always matches the installed broker.
+    tool = shutil.which("mosquitto_passwd")
+    if tool:
+        plain = path.with_name(path.name + ".plain")
+        _write(plain, "".join(f"{u}:{pw}\n" for u, pw in passwords.items()), 0o600)
+        try:
+            subprocess.run([tool, "-U", str(plain)], check=True, capture_output=True, timeout=30)
+            os.chmod(plain, 0o600)
+            os.replace(plain, path)
+            return
+        except (subprocess.SubprocessError, OSError):
+            plain.unlink(missing_ok=True)  # never leave plaintext behind
+    _write(path, "".join(f"{u}:{mosquitto_pbkdf2_hash(pw)}\n" for u, pw in passwords.items()), 0o600)
+
+
+def mosquitto_conf(sec: BusSecurity, *, mqtt_port: int, tls_port: int, host: str = "127.0.0.1") -> str:
+    owner = pwd.getpwuid(os.geteuid()).pw_name
+    return f"""\
+# Generated by ami.bus_auth.  Run: mosquitto -c {sec.mosquitto_conf}
+# Mosquitto started as root drops to this user before it reads the password
+# file; the secrets here are 0600 and owned by whoever generated them.
+user {owner}
+
+# Auth and ACL apply to every listener.
+per_listener_settings false
+allow_anonymous false
+password_file {sec.mosquitto_passwd}
+acl_file {sec.mosquitto_acl}
+
+# Plain MQTT, loopback only.
+listener {mqtt_port} {host}
+
+# MQTT over TLS, server certificate issued by the private CA in ca.pem.
+listener {tls_port} {host}
+cafile {sec.ca}
+certfile {sec.server_cert}
+keyfile {sec.server_key}
+tls_version tlsv1.2
+"""
+
+
+def _write_tls(sec: BusSecurity, server_names: Sequence[str]) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    start = now - dt.timedelta(minutes=5)  # tolerate small clock skew between hosts
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ami bus CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    sans: list[x509.GeneralName] = []
+    for name in server_names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, server_names[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    pem = serialization.Encoding.PEM
+    _write(sec.ca, ca_cert.public_bytes(pem), 0o644)
+    _write(sec.server_cert, cert.public_bytes(pem), 0o644)
+    _write(
+        sec.server_key,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+    )
+    # The CA key is not kept: nothing else is ever signed with it, and a key
+    # that does not exist cannot leak.  Re-run write_bus_security to rotate.

@@ -1,0 +1,95 @@
+"""What every service reports on ``ami/v1/monitor/...``.
+
+* ``.../{component}/{id}/status``: retained ``online``; the Last Will (set on
+  the connection by ``ami.bus.make_client``) turns it ``offline``.
+* ``.../{component}/{id}/metrics``: a retained JSON snapshot every few
+  seconds: counters, gauges, rejections by reason.
+* ``ami/v1/monitor/headend/events``: JSON events (rejections, key changes,
+  alarms), never retained.
+
+Nothing here ever receives key material: callers pass counts and ids only,
+and ``publish_event`` drops any bytes value defensively.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+import psutil
+
+from .protocol import topics
+from .protocol.errors import ALL_REASONS
+
+
+class Metrics:
+    """Counters and gauges of one service process, cheap to update."""
+
+    def __init__(self, component: str, ident: str) -> None:
+        self.component = component
+        self.ident = ident
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter({reason: 0 for reason in ALL_REASONS})
+        self.gauges: dict[str, float | int] = {}
+        self.started = time.time()
+        self._process = psutil.Process(os.getpid())
+
+    def incr(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] += n
+        self.counters["rejected"] += n
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._process.oneshot():
+            cpu = self._process.cpu_times()
+            rss = self._process.memory_info().rss
+        return {
+            "component": self.component,
+            "id": self.ident,
+            "time": time.time(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "counters": dict(self.counters),
+            "rejected": dict(self.rejected),
+            "gauges": dict(self.gauges),
+            "process": {"pid": os.getpid(), "cpu_s": round(cpu.user + cpu.system, 3), "rss_bytes": rss},
+        }
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+async def publish_status(client: aiomqtt.Client, metrics: Metrics, status: str) -> None:
+    await client.publish(topics.monitor_status(metrics.component, metrics.ident), status.encode(), qos=1, retain=True)
+
+
+async def publish_metrics_forever(
+    client: aiomqtt.Client,
+    metrics: Metrics,
+    interval: float,
+    refresh: Callable[[], None] | None = None,
+) -> None:
+    topic = topics.monitor_metrics(metrics.component, metrics.ident)
+    while True:
+        if refresh is not None:
+            refresh()
+        await client.publish(topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
+        await asyncio.sleep(interval)
+
+
+def event_payload(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"time": time.time(), "kind": kind, **_clean(fields)}).encode()

@@ -1,0 +1,434 @@
+"""The head-end key vault: file and PKCS#11 (SoftHSM2) backends, no mocks."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+from ami import vault as vault_mod
+from ami.vault import (
+    FileKeyVault,
+    KeyVault,
+    Pkcs11KeyVault,
+    VaultError,
+    open_vault,
+)
+
+try:  # tests/ used as a package, or (pytest's default) as a plain directory
+    from tests.softhsm import requires_softhsm, softhsm_token
+except ImportError:
+    from softhsm import requires_softhsm, softhsm_token
+
+# RFC 3394 section 4.1: 128-bit key data wrapped with a 128-bit KEK.
+RFC_KEK = bytes.fromhex("000102030405060708090A0B0C0D0E0F")
+RFC_KEY = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
+RFC_WRAPPED = bytes.fromhex("1FA68B0A8112B447AEF34BD8FB5A7B829D3E862371D2CFE5")
+
+FIXED_KEY = bytes.fromhex("a5" * 16)
+
+
+def write_kek(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def assert_no_secret(text: str, *secrets_: bytes) -> None:
+    low = text.lower()
+    for s in secrets_:
+        assert s.hex() not in low, "secret bytes leaked into a message"
+        assert repr(s) not in text
+
+
+def flip(blob: bytes, index: int, bit: int = 0) -> bytes:
+    b = bytearray(blob)
+    b[index] ^= 1 << bit
+    return bytes(b)
+
+
+# --------------------------------------------------------------------------
+# File backend
+# --------------------------------------------------------------------------
+
+
+def test_file_vault_creates_kek_0600(tmp_path: Path) -> None:
+    v = open_vault("file:keys/kek.bin", data_dir=tmp_path)
+    path = tmp_path / "keys" / "kek.bin"
+    st = path.stat()
+    assert stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_size == 16
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+    assert [p.name for p in path.parent.iterdir()] == ["kek.bin"]  # no temp left
+    assert isinstance(v, KeyVault)
+    v.close()
+
+
+def test_file_vault_created_0600_despite_permissive_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        FileKeyVault(tmp_path / "kek").close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "kek").stat().st_mode) == 0o600
+
+
+def test_second_open_reuses_kek(tmp_path: Path) -> None:
+    v1 = open_vault("file:kek.bin", data_dir=tmp_path)
+    kek = (tmp_path / "kek.bin").read_bytes()
+    w1 = v1.wrap(FIXED_KEY)
+    v1.close()
+    v2 = open_vault(f"file:{tmp_path / 'kek.bin'}")
+    assert (tmp_path / "kek.bin").read_bytes() == kek
+    assert v2.wrap(FIXED_KEY) == w1
+    assert v2.unwrap(w1) == FIXED_KEY
+    v2.close()
+
+
+def test_concurrent_first_open_agrees_on_one_kek(tmp_path: Path) -> None:
+    path = tmp_path / "kek.bin"
+
+    def wrap_once(_: int) -> bytes:
+        v = FileKeyVault(path)
+        try:
+            return v.wrap(FIXED_KEY)
+        finally:
+            v.close()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = set(pool.map(wrap_once, range(32)))
+    assert len(results) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["kek.bin"]
+
+
+@pytest.mark.parametrize("size", [16, 24, 32])
+def test_file_wrap_equals_cryptography(tmp_path: Path, size: int) -> None:
+    v = FileKeyVault(tmp_path / "kek")
+    kek = (tmp_path / "kek").read_bytes()
+    key = secrets.token_bytes(size)
+    wrapped = v.wrap(key)
+    assert wrapped == aes_key_wrap(kek, key)
+    assert len(wrapped) == size + 8
+    assert v.unwrap(wrapped) == key
+    v.close()
+
+
+def test_rfc3394_vector_through_file_vault(tmp_path: Path) -> None:
+    write_kek(tmp_path / "rfc.kek", RFC_KEK)
+    v = open_vault("file:rfc.kek", data_dir=tmp_path)
+    assert v.wrap(RFC_KEY) == RFC_WRAPPED
+    assert v.unwrap(RFC_WRAPPED) == RFC_KEY
+    v.close()
+
+
+def test_file_unwrap_many(tmp_path: Path) -> None:
+    v = FileKeyVault(tmp_path / "kek")
+    keys = [secrets.token_bytes(16) for _ in range(200)]
+    assert v.unwrap_many([v.wrap(k) for k in keys]) == keys
+    v.close()
+
+
+def test_tampered_blob_raises(tmp_path: Path) -> None:
+    write_kek(tmp_path / "kek", RFC_KEK)
+    v = FileKeyVault(tmp_path / "kek")
+    # Every single-bit flip of the wrapped blob must be caught.
+    for i in range(len(RFC_WRAPPED)):
+        for bit in range(8):
+            with pytest.raises(VaultError) as err:
+                v.unwrap(flip(RFC_WRAPPED, i, bit))
+            assert_no_secret(str(err.value), RFC_KEK, RFC_KEY)
+    with pytest.raises(VaultError, match="index 1"):
+        v.unwrap_many([RFC_WRAPPED, flip(RFC_WRAPPED, 5)])
+    with pytest.raises(VaultError):
+        v.unwrap(RFC_WRAPPED[:-1])  # not a multiple of 8
+    v.close()
+
+
+def test_wrong_kek_fails_integrity(tmp_path: Path) -> None:
+    a, b = FileKeyVault(tmp_path / "a"), FileKeyVault(tmp_path / "b")
+    with pytest.raises(VaultError, match="integrity"):
+        b.unwrap(a.wrap(FIXED_KEY))
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o620, 0o602])
+def test_kek_file_accessible_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    write_kek(tmp_path / "kek", RFC_KEK, mode)
+    with pytest.raises(VaultError, match=f"{mode:04o}") as err:
+        FileKeyVault(tmp_path / "kek")
+    assert_no_secret(str(err.value), RFC_KEK)
+
+
+@pytest.mark.parametrize("size", [0, 15, 17, 24, 32, 33])
+def test_kek_file_of_wrong_size_is_refused(tmp_path: Path, size: int) -> None:
+    data = (RFC_KEK.hex() + "\n").encode()[:size] if size >= 32 else bytes(size)
+    write_kek(tmp_path / "kek", data)
+    with pytest.raises(VaultError, match="bytes") as err:
+        FileKeyVault(tmp_path / "kek")
+    assert_no_secret(str(err.value), RFC_KEK)
+
+
+def test_kek_path_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "kek").mkdir(mode=0o700)
+    with pytest.raises(VaultError):
+        FileKeyVault(tmp_path / "kek")
+
+
+def test_missing_kek_without_create(tmp_path: Path) -> None:
+    with pytest.raises(VaultError, match="does not exist"):
+        FileKeyVault(tmp_path / "nope", create=False)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_texts_never_contain_key_bytes(tmp_path: Path) -> None:
+    write_kek(tmp_path / "kek", RFC_KEK)
+    v = FileKeyVault(tmp_path / "kek")
+    texts = [repr(v), str(v), f"{v}", v.name]
+    for bad in (b"\x01" * 15, RFC_KEY + b"\x00", "a string key"):
+        with pytest.raises(VaultError) as err:
+            v.wrap(bad)  # type: ignore[arg-type]
+        texts.append(str(err.value))
+    with pytest.raises(VaultError) as err:
+        v.unwrap(flip(RFC_WRAPPED, 0))
+    texts.append(str(err.value))
+    assert repr(v) == f"<FileKeyVault file:{tmp_path / 'kek'}>"
+    for text in texts:
+        assert_no_secret(text, RFC_KEK, RFC_KEY, RFC_WRAPPED)
+
+
+def test_closed_file_vault_refuses_work(tmp_path: Path) -> None:
+    v = FileKeyVault(tmp_path / "kek")
+    wrapped = v.wrap(FIXED_KEY)
+    v.close()
+    v.close()  # idempotent
+    with pytest.raises(VaultError, match="closed"):
+        v.unwrap(wrapped)
+    with FileKeyVault(tmp_path / "kek") as v2:  # context manager closes too
+        assert v2.unwrap(wrapped) == FIXED_KEY
+
+
+def test_spec_errors() -> None:
+    with pytest.raises(VaultError, match="data_dir"):
+        open_vault("file:relative.kek")
+    with pytest.raises(VaultError, match="scheme"):
+        open_vault("vault:thing")
+    with pytest.raises(VaultError):
+        open_vault("no-scheme-at-all")
+    with pytest.raises(VaultError, match="lib"):
+        open_vault("pkcs11:token=ami")
+
+
+def test_pkcs11_spec_never_takes_or_echoes_a_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(VaultError, match="pin_env") as err:
+        open_vault("pkcs11:lib=/x.so;token=ami;pin=98765432;label=k")
+    assert "98765432" not in str(err.value)
+    with pytest.raises(VaultError) as err:
+        open_vault("pkcs11:lib=/x.so;token=ami;secret98765432")
+    assert "98765432" not in str(err.value)
+    monkeypatch.delenv("AMI_TEST_PIN_UNSET", raising=False)
+    with pytest.raises(VaultError, match="AMI_TEST_PIN_UNSET"):
+        open_vault("pkcs11:lib=/x.so;token=ami;pin_env=AMI_TEST_PIN_UNSET")
+
+
+# --------------------------------------------------------------------------
+# PKCS#11 backend on SoftHSM2
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    with softhsm_token(tmp_path) as tok:
+        monkeypatch.setenv("AMI_HSM_PIN", str(tok["pin"]))
+        yield tok
+        # Every test closes its vaults: the token must be logged out again.
+        worker = vault_mod._get_worker()
+        assert worker.call(lambda: dict(worker.logins)) == {}
+
+
+def hsm_spec(tok: dict, label: str = "ami-kek", extra: str = "") -> str:
+    return f"pkcs11:lib={tok['lib']};token={tok['token']};pin_env=AMI_HSM_PIN;label={label}{extra}"
+
+
+@requires_softhsm
+class TestPkcs11Vault:
+    @pytest.mark.parametrize("size", [16, 24, 32])
+    def test_round_trip(self, hsm: dict, size: int) -> None:
+        v = open_vault(hsm_spec(hsm))
+        assert isinstance(v, Pkcs11KeyVault)
+        key = secrets.token_bytes(size)
+        wrapped = v.wrap(key)
+        assert len(wrapped) == size + 8
+        assert wrapped != key and key not in wrapped
+        assert v.unwrap(wrapped) == key
+        assert v.wrap(key) == wrapped  # RFC 3394 is deterministic
+        v.close()
+
+    def test_output_is_byte_identical_to_rfc3394(self, hsm: dict) -> None:
+        from pkcs11 import Attribute, KeyType, ObjectClass
+
+        v = open_vault(hsm_spec(hsm))
+        # Import the RFC KEK as a locked-down token key next to ours.
+        v.with_kek(lambda kek: kek.session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE: RFC_KEK,
+            Attribute.LABEL: "rfc-kek",
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.WRAP: True,
+            Attribute.UNWRAP: True,
+        }))
+        rfc = open_vault(hsm_spec(hsm, "rfc-kek"))
+        assert rfc.wrap(RFC_KEY) == RFC_WRAPPED
+        assert rfc.unwrap(RFC_WRAPPED) == RFC_KEY
+        key = secrets.token_bytes(32)
+        assert rfc.wrap(key) == aes_key_wrap(RFC_KEK, key)
+        rfc.close()
+        v.close()
+
+    def test_kek_persists_in_token(self, hsm: dict) -> None:
+        v1 = open_vault(hsm_spec(hsm))
+        wrapped = v1.wrap(FIXED_KEY)
+        v1.close()  # logs out, closes the session, C_Finalize
+        v2 = open_vault(hsm_spec(hsm))
+        assert v2.unwrap(wrapped) == FIXED_KEY
+        v2.close()
+        # And a separate process, with its own login, finds the same KEK.
+        code = (
+            "import sys; from ami.vault import open_vault\n"
+            "v = open_vault(sys.argv[1])\n"
+            "sys.stdout.write(v.unwrap(bytes.fromhex(sys.argv[2])).hex())\n"
+            "v.close()\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, hsm_spec(hsm, extra=";create=no"), wrapped.hex()],
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+        assert out.stdout == FIXED_KEY.hex()
+
+    def test_two_open_vaults_share_one_login(self, hsm: dict) -> None:
+        v1 = open_vault(hsm_spec(hsm))
+        v2 = open_vault(hsm_spec(hsm))  # no USER_ALREADY_LOGGED_IN
+        wrapped = v1.wrap(FIXED_KEY)
+        assert v2.unwrap(wrapped) == FIXED_KEY
+        v1.close()  # must not log v2 out
+        assert v2.unwrap(wrapped) == FIXED_KEY
+        v2.close()
+
+    def test_kek_is_sensitive_and_not_extractable(self, hsm: dict) -> None:
+        from pkcs11 import Attribute
+        from pkcs11.exceptions import AttributeSensitive
+
+        v = open_vault(hsm_spec(hsm))
+        attrs = v.with_kek(lambda k: {a: k[a] for a in (
+            Attribute.EXTRACTABLE, Attribute.SENSITIVE, Attribute.TOKEN,
+            Attribute.WRAP, Attribute.UNWRAP, Attribute.ENCRYPT, Attribute.DECRYPT,
+            Attribute.NEVER_EXTRACTABLE, Attribute.ALWAYS_SENSITIVE,
+        )})
+        assert attrs[Attribute.EXTRACTABLE] is False
+        assert attrs[Attribute.SENSITIVE] is True
+        assert attrs[Attribute.NEVER_EXTRACTABLE] is True
+        assert attrs[Attribute.ALWAYS_SENSITIVE] is True
+        assert attrs[Attribute.TOKEN] is True
+        assert attrs[Attribute.WRAP] and attrs[Attribute.UNWRAP]
+        assert not attrs[Attribute.ENCRYPT] and not attrs[Attribute.DECRYPT]
+        with pytest.raises(AttributeSensitive):
+            v.with_kek(lambda k: k[Attribute.VALUE])
+        v.close()
+
+    def test_unwrap_many_1000(self, hsm: dict) -> None:
+        v = open_vault(hsm_spec(hsm))
+        keys = [secrets.token_bytes(16) for _ in range(1000)]
+        wrapped = [v.wrap(k) for k in keys]
+        assert v.unwrap_many(wrapped) == keys
+        assert v.unwrap_many([]) == []
+        v.close()
+
+    def test_eight_threads_at_once(self, hsm: dict) -> None:
+        v = open_vault(hsm_spec(hsm))
+        start = threading.Barrier(8)
+
+        def hammer(_: int) -> int:
+            start.wait()  # all 8 threads really hit the vault together
+            for _ in range(50):
+                key = secrets.token_bytes(16)
+                assert v.unwrap(v.wrap(key)) == key
+            return 50
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert sum(pool.map(hammer, range(8))) == 400
+
+        # ...and every PKCS#11 call ran on the one worker thread.
+        names = set()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for name in pool.map(
+                lambda _: v.with_kek(lambda k: threading.current_thread().name), range(64)
+            ):
+                names.add(name)
+        assert len(names) == 1 and names.pop().startswith("ami-pkcs11")
+        v.close()
+
+    def test_tampered_blob_raises(self, hsm: dict) -> None:
+        v = open_vault(hsm_spec(hsm))
+        wrapped = v.wrap(FIXED_KEY)
+        for i in (0, 7, 8, len(wrapped) - 1):
+            with pytest.raises(VaultError, match="integrity") as err:
+                v.unwrap(flip(wrapped, i))
+            assert_no_secret(str(err.value), FIXED_KEY, wrapped)
+        with pytest.raises(VaultError, match="index 2"):
+            v.unwrap_many([wrapped, wrapped, flip(wrapped, 3)])
+        assert v.unwrap(wrapped) == FIXED_KEY  # the session survived the errors
+        v.close()
+
+    def test_wrong_pin_refused_without_echo(self, hsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AMI_HSM_PIN", "87654321")
+        with pytest.raises(VaultError, match="PinIncorrect") as err:
+            open_vault(hsm_spec(hsm))
+        assert "87654321" not in str(err.value)
+        # Already logged in: a second vault must still present the right PIN.
+        v = Pkcs11KeyVault(str(hsm["lib"]), "ami", str(hsm["pin"]), "ami-kek")
+        with pytest.raises(VaultError, match="wrong PIN") as err:
+            Pkcs11KeyVault(str(hsm["lib"]), "ami", "87654321", "ami-kek")
+        assert "87654321" not in str(err.value)
+        v.close()
+
+    def test_repr_shows_only_the_name(self, hsm: dict) -> None:
+        v = open_vault(hsm_spec(hsm))
+        assert repr(v) == str(v) == "<Pkcs11KeyVault pkcs11:ami/ami-kek>"
+        assert str(hsm["pin"]) not in repr(vault_mod._get_worker())
+        v.close()
+        with pytest.raises(VaultError, match="closed"):
+            v.wrap(FIXED_KEY)
+
+    def test_missing_kek_with_create_no(self, hsm: dict) -> None:
+        with pytest.raises(VaultError, match="no such KEK"):
+            open_vault(hsm_spec(hsm, "absent", ";create=no"))
+
+    def test_extractable_kek_is_refused(self, hsm: dict) -> None:
+        from pkcs11 import Attribute, KeyType, MechanismFlag
+
+        v = open_vault(hsm_spec(hsm))
+        v.with_kek(lambda k: k.session.generate_key(
+            KeyType.AES, 128, label="weak", store=True,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True},
+        ))
+        with pytest.raises(VaultError, match="extractable"):
+            open_vault(hsm_spec(hsm, "weak"))
+        v.close()
+
+    def test_unknown_token(self, hsm: dict) -> None:
+        with pytest.raises(VaultError, match="NoSuchToken"):
+            Pkcs11KeyVault(str(hsm["lib"]), "no-such-token", str(hsm["pin"]), "k")
