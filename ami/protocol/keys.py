@@ -155,6 +155,8 @@ class KeySlot:
     new: int | None = None
 
     def propose(self, version: int) -> None:
+        if version is None:
+            raise KeyLifecycleError("a key version is required")
         if self.new is not None:
             raise KeyLifecycleError("a NEW key is already pending for this slot")
         if version == self.active:
@@ -163,7 +165,9 @@ class KeySlot:
 
     def activate(self, version: int) -> int | None:
         """NEW -> ACTIVE; return the version that became EXPIRED (if any)."""
-        if self.new != version:
+        # ``self.new is None`` first: activate(None) with nothing pending used
+        # to pass the comparison and silently drop the ACTIVE key.
+        if self.new is None or self.new != version:
             raise KeyLifecycleError("only the pending NEW key can be activated")
         expired, self.active, self.new = self.active, version, None
         return expired

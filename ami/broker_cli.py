@@ -1,0 +1,43 @@
+"""``ami broker``: the embedded amqtt broker, with the network's credentials and ACLs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .bus import parse_broker_url
+from .cli import add_common_arguments
+from .logs import configure_logging, get_logger
+from .runner import run_service
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    add_common_arguments(parser, config)
+    parser.add_argument("--tls-port", type=int, help="also listen with TLS on this port")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="open broker even when DATA/bus holds credentials (load tests)"
+    )
+
+
+def main(args: argparse.Namespace, config: dict) -> int:
+    from .broker import run_broker
+
+    configure_logging(args.log_level)
+    url = parse_broker_url(args.broker)
+    bus_dir: Path | None = args.data / "bus"
+    if args.no_auth or not (bus_dir / "credentials.json").exists():
+        bus_dir = None
+    log = get_logger("broker")
+
+    async def _main(stop):
+        await run_broker(
+            url.host,
+            url.port,
+            bus_dir=bus_dir,
+            tls_port=args.tls_port,
+            stop=stop,
+            on_ready=lambda: log.info("broker_ready", broker=str(url), auth=bus_dir is not None, tls_port=args.tls_port),
+        )
+        return 0
+
+    return run_service(_main)

@@ -1,0 +1,43 @@
+"""Run a service coroutine under uvloop until SIGTERM/SIGINT, then stop cleanly.
+
+Services take a ``stop`` event: set on the first signal so they can flush,
+persist their counters and publish ``offline``; a second signal cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency; keep working without it
+    uvloop = None
+
+
+def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
+    async def _wrapper() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        task = asyncio.current_task()
+        hits = 0
+
+        def _on_signal() -> None:
+            nonlocal hits
+            hits += 1
+            if hits == 1:
+                stop.set()
+            elif task is not None:
+                task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _on_signal)
+        try:
+            return int(await main(stop) or 0)
+        except asyncio.CancelledError:
+            return 130
+
+    if uvloop is not None:
+        return uvloop.run(_wrapper())
+    return asyncio.run(_wrapper())

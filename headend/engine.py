@@ -1,0 +1,883 @@
+"""The head-end's state machine, sans-I/O: frames in, effects out.
+
+``HeadEndEngine`` never touches the network, the disk, the clock or the
+random generator: the async shell (``headend/service.py``) hands it WAN
+batches, commands and the time, and a ``new_key()`` callable; it returns
+effects through ``drain()``: rows to commit and downlink frames, replies and
+events to publish.
+
+The one rule the shell must keep: **commit a drained ``Commit`` before
+publishing the frames drained with it.**  Counter reservations are confirmed
+in memory when a frame is sealed and become durable with that commit; a
+frame that never left the process cannot reuse an IV, so sealing before the
+commit is safe, publishing before it is not.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ami.protocol import (
+    AuthenticationFailed,
+    CounterExhausted,
+    KeyLifecycleError,
+    MalformedFrame,
+    MalformedMessage,
+    Opener,
+    ProtocolError,
+    ReceiveCounter,
+    ReplayedFrame,
+    SendCounter,
+    Suite0Cipher,
+    UnknownKey,
+    UnknownMeter,
+    WrongSegment,
+)
+from ami.protocol.association import (
+    AARE_TAG,
+    InitiateRequest,
+    build_aarq,
+    decode_initiate_response,
+    encode_initiate_request,
+    parse_aare,
+)
+from ami.protocol.counters import IC_LIMIT
+from ami.protocol.frames import (
+    GENERAL_DED_CIPHERING,
+    GENERAL_GLO_CIPHERING,
+    GLO_INITIATE_REQUEST,
+    GLO_INITIATE_RESPONSE,
+    CipheredApdu,
+    open_apdu,
+    parse_apdu,
+    seal_apdu,
+)
+from ami.protocol.keys import (
+    TRANSFER_TARGET,
+    KeySlot,
+    KeyState,
+    KeyType,
+    SecretBytes,
+    encode_key_transfer,
+)
+from ami.protocol.messages import (
+    Event,
+    GapFillReply,
+    GapFillRequest,
+    KeyTransfer,
+    KeyTransferAck,
+    ReadReply,
+    ReadRequest,
+    Reading,
+    Release,
+    decode_batch,
+    decode_message,
+    encode_message,
+)
+
+from .state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
+from .store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+
+GLOBAL_TYPES = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
+ROTATABLE = {"session", "cc_lan", "cc_locale", "ak"}
+_GAP_CHUNK = 256  # seqs per GapFillRequest: a reply of 256 readings fits MAX_APDU_SIZE in chunks
+
+
+@dataclass(slots=True)
+class Policy:
+    """Knobs from ``[headend]`` in the configuration."""
+
+    session_max_frames: int = 20000
+    session_max_age_s: float = 3600.0
+    session_renew_at_ic: int = 0xF000_0000
+    global_key_max_age_s: float = 0.0
+    association_timeout_s: float = 10.0
+    association_max_attempts: int = 8
+    transfer_timeout_s: float = 10.0
+    transfer_max_attempts: int = 5
+    gap_fill_delay_s: float = 3.0
+    gap_fill_retry_s: float = 10.0
+    gap_fill_window: int = 2880
+    previous_session_grace_s: float = 60.0
+    counter_block: int = 4096
+    max_events_per_s: int = 200
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> "Policy":
+        known = {k: section[k] for k in cls.__slots__ if k in section}  # type: ignore[attr-defined]
+        return cls(**known)
+
+
+@dataclass(slots=True)
+class Campaign:
+    """A rotation asked for by a command: done when every meter has it."""
+
+    command_id: str
+    key: str
+    reply: str | None
+    started: float
+    remaining: set[str]
+    total: int
+    failed: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Effects:
+    commit: Commit
+    downlink: dict[str, list[tuple[str, bytes]]]
+    replies: list[tuple[str, dict]]
+    events: list[dict]
+    latencies_ns: list[int]
+
+
+class HeadEndEngine:
+    def __init__(
+        self,
+        headend_title: bytes,
+        policy: Policy,
+        new_key: Callable[[], bytes],
+    ) -> None:
+        self.title = headend_title
+        self.policy = policy
+        self._new_key = new_key
+        self.meters: dict[str, MeterState] = {}
+        self.by_title: dict[bytes, MeterState] = {}
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.campaigns: dict[str, Campaign] = {}
+        self._request_id = 0
+        self._gap_meters: set[str] = set()
+        self._pending_meters: set[str] = set()  # association or transfer in flight
+        self._age_heap: list[tuple[float, str, int]] = []
+        self._reset_outputs()
+        self._event_window = (0, 0)  # (second, events in it)
+        self._campaign_done: list[Campaign] = []
+
+    # -- outputs --------------------------------------------------------------
+
+    def _reset_outputs(self) -> None:
+        self._readings: list[tuple] = []
+        self._dirty_keys: set[tuple[str, KeyType, int]] = set()
+        self._new_keys: set[tuple[str, KeyType, int]] = set()
+        self._dirty_sessions: set[str] = set()
+        self._new_sessions: set[str] = set()
+        self._deleted_sessions: set[str] = set()
+        self._dirty_meters: set[str] = set()
+        self._downlink: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
+        self._replies: list[tuple[str, dict]] = []
+        self._events: list[dict] = []
+        self._latencies: list[int] = []
+        self._expired_rows: list[KeyRow] = []
+
+    def drain(self) -> Effects:
+        """Everything produced since the last drain.  Commit first, then publish."""
+        commit = Commit(readings=self._readings, keys=self._expired_rows)
+        for mid, kt, version in self._dirty_keys:
+            m = self.meters[mid]
+            gk = m.keys[kt].get(version)
+            if gk is None:
+                continue
+            commit.keys.append(
+                KeyRow(
+                    mid,
+                    kt,
+                    version,
+                    gk.state,
+                    gk.created,
+                    gk.tx.reserved_until,
+                    gk.rx.lowest_acceptable,
+                    gk.key if (mid, kt, version) in self._new_keys else None,
+                )
+            )
+        for mid in self._deleted_sessions:
+            if self.meters[mid].session is None:
+                commit.sessions.append(SessionRow(mid, 0, 0.0, 0, 0, 0, deleted=True))
+        for mid in self._dirty_sessions:
+            s = self.meters[mid].session
+            if s is None:
+                continue
+            commit.sessions.append(
+                SessionRow(
+                    mid,
+                    s.serial,
+                    s.created,
+                    s.sealer.counter.reserved_until,
+                    s.opener.counter.lowest_acceptable,
+                    s.frames,
+                    s.key if mid in self._new_sessions else None,
+                )
+            )
+        for mid in self._dirty_meters:
+            m = self.meters[mid]
+            commit.meters.append(MeterRow(mid, m.title, m.concentrator, m.high_seq, sorted(m.gaps)))
+        effects = Effects(commit, dict(self._downlink), self._replies, self._events, self._latencies)
+        self._reset_outputs()
+        return effects
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self._events.append({"kind": kind, **fields})
+
+    def _reject(self, reason: str, now: float, **fields: Any) -> None:
+        self.rejected[reason] += 1
+        self.counters["frames_rejected"] += 1
+        second = int(now)
+        window, count = self._event_window
+        if window != second:
+            window, count = second, 0
+        if count < self.policy.max_events_per_s:
+            self._event("rejected", reason=reason, **fields)
+        else:
+            self.counters["events_suppressed"] += 1
+        self._event_window = (window, count + 1)
+
+    def _send(self, m: MeterState, apdu: bytes) -> None:
+        self._downlink[m.concentrator].append((m.meter, apdu))
+        self.counters["frames_down"] += 1
+
+    def _next_request_id(self) -> int:
+        self._request_id = (self._request_id + 1) & 0x7FFF_FFFF
+        return self._request_id
+
+    # -- start-up ---------------------------------------------------------------
+
+    def load(self, snapshot: Snapshot, now: float) -> None:
+        block = self.policy.counter_block
+        for row in snapshot.meters:
+            m = MeterState(row.meter, row.system_title, row.concentrator, high_seq=row.high_seq)
+            for seq in row.gaps:
+                m.gaps[seq] = now + self.policy.gap_fill_delay_s
+            if m.gaps:
+                self._gap_meters.add(m.meter)
+            for kt in GLOBAL_TYPES:
+                m.keys[kt] = {}
+                m.slots[kt] = KeySlot()
+            self.meters[m.meter] = m
+            self.by_title[m.title] = m
+        for k in snapshot.keys:
+            m = self.meters[k.meter]
+            m.keys[k.key_type][k.version] = GlobalKey(
+                k.version, k.key, k.state, k.created, SendCounter(k.tx_mark, block=block), ReceiveCounter(k.rx_lowest)
+            )
+            slot = m.slots[k.key_type]
+            if k.state is KeyState.ACTIVE:
+                slot.active = k.version
+            elif k.state is KeyState.NEW:
+                slot.new = k.version
+        for s in snapshot.sessions:
+            m = self.meters[s.meter]
+            m.session = Session.build(
+                s.serial,
+                s.key,
+                m.ak,
+                s.created,
+                self.title,
+                m.title,
+                SendCounter(s.tx_mark, block=block),
+                ReceiveCounter(s.rx_lowest),
+                s.frames,
+            )
+            m.next_serial = s.serial + 1
+            self._schedule_age(m, m.session)
+        self.counters["meters"] = len(self.meters)
+
+    # -- uplink ---------------------------------------------------------------
+
+    def handle_batch(self, payload: bytes, now: float, wan_concentrator: str | None = None) -> None:
+        try:
+            batch = decode_batch(payload)
+        except ProtocolError as exc:
+            self._reject(exc.reason, now, where="wan_batch", concentrator=wan_concentrator)
+            return
+        if wan_concentrator is not None and batch.concentrator != wan_concentrator:
+            self._reject(WrongSegment.reason, now, where="wan_batch", concentrator=wan_concentrator)
+            return
+        self.counters["batches"] += 1
+        for label, apdu in batch.frames:
+            self.handle_frame(batch.concentrator, label, apdu, now)
+
+    def handle_frame(self, concentrator: str, label: str, data: bytes, now: float) -> None:
+        self.counters["frames_up"] += 1
+        m: MeterState | None = None
+        try:
+            if data[:1] == bytes((AARE_TAG,)):
+                aare = parse_aare(data)
+                m = self._meter_for(aare.responding_title, concentrator, label)
+                self._on_aare(m, aare, now)
+                return
+            apdu = parse_apdu(data)
+            if apdu.system_title is None:
+                raise MalformedFrame("uplink APDU without system title")
+            m = self._meter_for(apdu.system_title, concentrator, label)
+            if apdu.tag == GENERAL_DED_CIPHERING:
+                self._on_session_frame(m, apdu, now)
+            elif apdu.tag == GENERAL_GLO_CIPHERING:
+                self._on_global_frame(m, apdu, now)
+            else:
+                raise MalformedFrame(f"unexpected uplink APDU {apdu.tag:#04x}")
+        except ProtocolError as exc:
+            self._reject(
+                exc.reason,
+                now,
+                meter=m.meter if m else None,
+                concentrator=concentrator,
+                detail=exc.detail,
+            )
+
+    def _meter_for(self, title: bytes, concentrator: str, label: str) -> MeterState:
+        m = self.by_title.get(title)
+        if m is None:
+            raise UnknownMeter("no meter with this system title")
+        if m.concentrator != concentrator:
+            # A relay forwarding for a meter that is not on its segment.
+            raise WrongSegment(f"{m.meter} is not served by {concentrator}")
+        if label != m.meter:
+            raise MalformedFrame("PLC topic and system title name different meters")
+        return m
+
+    def _on_session_frame(self, m: MeterState, apdu: CipheredApdu, now: float) -> None:
+        session, plaintext = self._open_session(m, apdu, now)
+        session.frames += 1
+        m.auth_failures = 0
+        if session is m.session:
+            self._dirty_sessions.add(m.meter)
+        self.counters["frames_accepted"] += 1
+        msg = decode_message(plaintext)
+        if isinstance(msg, Reading):
+            self._on_reading(m, msg, now)
+        elif isinstance(msg, GapFillReply):
+            for r in msg.readings:
+                self._on_reading(m, r, now, gap_fill=True)
+            for seq in msg.unavailable:
+                if m.gaps.pop(seq, None) is not None:
+                    self.counters["readings_unrecoverable"] += 1
+                    self._dirty_meters.add(m.meter)
+        elif isinstance(msg, ReadReply):
+            self._on_read_reply(m, msg)
+        elif isinstance(msg, KeyTransferAck):
+            self._on_transfer_ack(m, msg, now)
+        elif isinstance(msg, Event):
+            self._on_event(m, msg, now)
+        elif isinstance(msg, Release):
+            self._drop_session(m)
+            self._event("session_released", meter=m.meter, reason=msg.reason)
+        else:
+            raise MalformedMessage(f"{type(msg).__name__} is not an uplink message")
+        if session is m.session:
+            self._check_renewal(m, session, now)
+
+    def _open_session(self, m: MeterState, apdu: CipheredApdu, now: float) -> tuple[Session, bytes]:
+        if m.previous is not None and m.previous.expires is not None and now > m.previous.expires:
+            m.previous = None
+        candidates = [s for s in (m.session, m.previous) if s is not None]
+        if not candidates:
+            # We hold no session (forgot it, or the meter never associated):
+            # associate, and reject this frame; gap-fill recovers its reading.
+            self._associate(m, now, "no_session")
+            raise UnknownKey("no session with this meter")
+        replay = False
+        for s in candidates:
+            try:
+                return s, s.opener.open(apdu)
+            except ReplayedFrame:
+                replay = True
+            except AuthenticationFailed:
+                pass
+        # Recovery: the meter may have taken a NEW AK whose ack we never got.
+        slot = m.slots[KeyType.AK]
+        if slot.new is not None and not replay:
+            new_ak = m.keys[KeyType.AK][slot.new].key
+            for s in candidates:
+                probe = Opener(Suite0Cipher(s.key, new_ak), m.title, s.opener.counter)
+                try:
+                    plaintext = probe.open(apdu)
+                except (AuthenticationFailed, ReplayedFrame):
+                    continue
+                self._activate(m, KeyType.AK, slot.new, now, recovered=True)
+                return s, plaintext
+        if replay:
+            raise ReplayedFrame("invocation counter not above the last accepted")
+        m.auth_failures += 1
+        if m.auth_failures >= 3:
+            # Sessions out of step (an association answer lost at the wrong
+            # moment): a fresh association puts both sides on one key again.
+            m.auth_failures = 0
+            self._associate(m, now, "auth_failures")
+        raise AuthenticationFailed("no session key of this meter verifies the frame")
+
+    def _on_global_frame(self, m: MeterState, apdu: CipheredApdu, now: float) -> None:
+        """A DB frame under CC_LAN: the meter's boot (or push) events."""
+        plaintext = self._open_global(m, KeyType.CC_LAN, apdu, now)
+        self.counters["frames_accepted"] += 1
+        msg = decode_message(plaintext)
+        if not isinstance(msg, Event):
+            raise MalformedMessage("only events travel under the global key")
+        self._on_event(m, msg, now)
+
+    def _open_global(self, m: MeterState, key_type: KeyType, apdu: CipheredApdu, now: float) -> bytes:
+        slot = m.slots[key_type]
+        ak_slot = m.slots[KeyType.AK]
+        replay = False
+        for version in [v for v in (slot.active, slot.new) if v is not None]:
+            gk = m.keys[key_type][version]
+            for ak_version in [v for v in (ak_slot.active, ak_slot.new) if v is not None]:
+                ak = m.keys[KeyType.AK][ak_version].key
+                opener = Opener(Suite0Cipher(gk.key, ak), m.title, gk.rx)
+                try:
+                    plaintext = opener.open(apdu)
+                except ReplayedFrame:
+                    replay = True
+                    break
+                except AuthenticationFailed:
+                    continue
+                self._dirty_keys.add((m.meter, key_type, version))
+                if version != slot.active:
+                    self._activate(m, key_type, version, now, recovered=True)
+                if ak_version != ak_slot.active:
+                    self._activate(m, KeyType.AK, ak_version, now, recovered=True)
+                return plaintext
+        if replay:
+            raise ReplayedFrame("invocation counter not above the last accepted")
+        raise AuthenticationFailed("no global key of this meter verifies the frame")
+
+    def _on_event(self, m: MeterState, ev: Event, now: float) -> None:
+        self.counters[f"events_{ev.kind}"] += 1
+        if ev.kind == "boot":
+            # A rebooted meter has forgotten its session: so do we, and associate.
+            self._drop_session(m)
+            self._associate(m, now, "boot")
+        else:
+            self._event("meter_event", meter=m.meter, event=ev.kind, detail=ev.detail, ts=ev.ts)
+
+    # -- readings and gaps ------------------------------------------------------
+
+    def _on_reading(self, m: MeterState, r: Reading, now: float, gap_fill: bool = False) -> None:
+        high = m.high_seq
+        if high is None or r.seq > high:
+            if high is not None and r.seq > high + 1:
+                first = max(high + 1, r.seq - self.policy.gap_fill_window)
+                if first > high + 1:
+                    self.counters["readings_unrecoverable"] += first - high - 1
+                due = now + self.policy.gap_fill_delay_s
+                for seq in range(first, r.seq):
+                    m.gaps[seq] = due
+                self._gap_meters.add(m.meter)
+                self.counters["gaps_detected"] += r.seq - first
+            m.high_seq = r.seq
+        elif m.gaps.pop(r.seq, None) is None:
+            self.counters["readings_duplicate"] += 1
+            return
+        self._dirty_meters.add(m.meter)
+        self._readings.append((m.meter, r.seq, r.ts, r.energy_wh, r.power_w, r.voltage_dv, now))
+        self.counters["readings_stored"] += 1
+        if gap_fill:
+            self.counters["readings_gap_filled"] += 1
+        if r.sealed_ns is not None:
+            self._latencies.append(int(now * 1e9) - r.sealed_ns)
+
+    def _gap_fill(self, now: float) -> None:
+        for mid in list(self._gap_meters):
+            m = self.meters[mid]
+            if not m.gaps:
+                self._gap_meters.discard(mid)
+                continue
+            if m.session is None or m.association is not None:
+                continue
+            due = sorted(seq for seq, when in m.gaps.items() if when <= now)
+            if not due:
+                continue
+            ranges: list[list[int]] = []
+            for seq in due:
+                if ranges and seq == ranges[-1][1] + 1 and seq - ranges[-1][0] < _GAP_CHUNK:
+                    ranges[-1][1] = seq
+                else:
+                    ranges.append([seq, seq])
+            for first, last in ranges[:8]:  # bound the burst per meter per tick
+                self._send_session(m, GapFillRequest(self._next_request_id(), first, last))
+                self.counters["gap_fill_requests"] += 1
+                retry = now + self.policy.gap_fill_retry_s
+                for seq in range(first, last + 1):
+                    m.gaps[seq] = retry
+
+    # -- downlink under the session ---------------------------------------------
+
+    def _reserve(self, counter: SendCounter) -> bool:
+        """Confirm a reservation in memory; it becomes durable with the next
+        commit, which the shell performs before publishing this frame."""
+        if counter.wants_reservation:
+            counter.confirm_reservation(counter.next_reservation())
+            return True
+        return False
+
+    def _send_session(self, m: MeterState, msg: Any) -> None:
+        s = m.session
+        assert s is not None
+        self._reserve(s.sealer.counter)
+        self._dirty_sessions.add(m.meter)
+        self._send(m, s.sealer.seal(encode_message(msg)))
+
+    # -- association -----------------------------------------------------------
+
+    def _associate(self, m: MeterState, now: float, reason: str) -> None:
+        if m.association is not None:
+            return
+        order = m.slots[KeyType.CC_LAN].try_order()
+        m.association = PendingAssociation(
+            SecretBytes(self._new_key()), m.next_serial, order, 0, now, 1, reason
+        )
+        m.next_serial += 1
+        self._pending_meters.add(m.meter)
+        self._send_aarq(m, now)
+
+    def _send_aarq(self, m: MeterState, now: float) -> None:
+        pa = m.association
+        if pa.attempts > 1 or pa.index > 0:
+            # Every AARQ carries a fresh dedicated key: a meter must never
+            # install the same session key twice (its counters restart at 0).
+            pa.session_key = SecretBytes(self._new_key())
+        gk = m.keys[KeyType.CC_LAN][pa.version]
+        self._reserve(gk.tx)
+        self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
+        initiate = encode_initiate_request(InitiateRequest(dedicated_key=pa.session_key))
+        apdu = seal_apdu(Suite0Cipher(gk.key, m.ak), GLO_INITIATE_REQUEST, self.title, gk.tx.take(), initiate)
+        pa.sent_at = now
+        self._send(m, build_aarq(self.title, apdu))
+        self.counters["aarq_sent"] += 1
+
+    def _on_aare(self, m: MeterState, aare, now: float) -> None:
+        pa = m.association
+        if pa is None:
+            # A late answer to an attempt we already replaced: not an attack.
+            self.counters["stale_aare"] += 1
+            return
+        if not aare.accepted or aare.initiate_apdu is None:
+            self.counters["associations_rejected"] += 1
+            self._next_association_attempt(m, now, "rejected")
+            return
+        apdu = parse_apdu(aare.initiate_apdu)
+        if apdu.tag != GLO_INITIATE_RESPONSE:
+            raise MalformedFrame("AARE does not carry a glo-initiateResponse")
+        gk = m.keys[KeyType.CC_LAN][pa.version]
+        opener = Opener(Suite0Cipher(gk.key, m.ak), m.title, gk.rx)
+        decode_initiate_response(opener.open(apdu))
+        self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
+        slot = m.slots[KeyType.CC_LAN]
+        if pa.version == slot.new:
+            self._activate(m, KeyType.CC_LAN, pa.version, now, recovered=True)
+        elif slot.new is not None:
+            # The meter answered under ACTIVE: it never took the NEW key.
+            self._withdraw(m, KeyType.CC_LAN, now, "meter kept the active key")
+        self._install_session(m, pa, now)
+
+    def _install_session(self, m: MeterState, pa: PendingAssociation, now: float) -> None:
+        block = self.policy.counter_block
+        old = m.session
+        if old is not None:
+            old.expires = now + self.policy.previous_session_grace_s
+            m.previous = old
+        m.session = Session.build(
+            pa.serial,
+            pa.session_key,
+            m.ak,
+            now,
+            self.title,
+            m.title,
+            SendCounter(0, block=block),
+            ReceiveCounter(0),
+        )
+        m.association = None
+        self._dirty_sessions.add(m.meter)
+        self._new_sessions.add(m.meter)
+        self._deleted_sessions.discard(m.meter)
+        self._schedule_age(m, m.session)
+        self.counters["associations"] += 1
+        if pa.reason not in ("boot", "no_session"):
+            self.counters["session_renewals"] += 1
+        self._campaign_progress(m.meter, "session")
+        if m.transfer is None:
+            self._start_wanted_transfer(m, now)
+        if m.transfer is None:
+            self._pending_meters.discard(m.meter)
+
+    def _next_association_attempt(self, m: MeterState, now: float, why: str) -> None:
+        pa = m.association
+        if pa.index + 1 < len(pa.order):
+            pa.index += 1
+        else:
+            pa.index = 0
+            pa.attempts += 1
+            if pa.attempts > self.policy.association_max_attempts:
+                m.association = None
+                self.counters["associations_failed"] += 1
+                self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
+                self._campaign_failed(m.meter, "session")
+                return
+        self._send_aarq(m, now)
+
+    def _drop_session(self, m: MeterState) -> None:
+        if m.session is not None or m.previous is not None:
+            m.session = None
+            m.previous = None
+            self._deleted_sessions.add(m.meter)
+            self._dirty_sessions.discard(m.meter)
+            self._new_sessions.discard(m.meter)
+
+    def _check_renewal(self, m: MeterState, s: Session, now: float) -> None:
+        p = self.policy
+        if m.association is not None:
+            return
+        if (
+            s.frames >= p.session_max_frames
+            or s.opener.counter.lowest_acceptable >= p.session_renew_at_ic
+            or s.sealer.counter.next_value >= p.session_renew_at_ic
+        ):
+            self._associate(m, now, "renewal")
+
+    def _schedule_age(self, m: MeterState, s: Session) -> None:
+        if self.policy.session_max_age_s > 0:
+            heapq.heappush(self._age_heap, (s.created + self.policy.session_max_age_s, m.meter, s.serial))
+
+    # -- key transfer ----------------------------------------------------------
+
+    def request_rotation(self, m: MeterState, key_type: KeyType, now: float) -> None:
+        if key_type not in m.wanted_transfers:
+            m.wanted_transfers.append(key_type)
+        if m.session is None:
+            self._associate(m, now, "key_transfer")
+        elif m.transfer is None and m.association is None:
+            self._start_wanted_transfer(m, now)
+
+    def _start_wanted_transfer(self, m: MeterState, now: float) -> None:
+        while m.wanted_transfers and m.transfer is None:
+            key_type = m.wanted_transfers.pop(0)
+            slot = m.slots[key_type]
+            if slot.new is None:
+                version = max(m.keys[key_type]) + 1
+                slot.propose(version)
+                m.keys[key_type][version] = GlobalKey(
+                    version,
+                    SecretBytes(self._new_key()),
+                    KeyState.NEW,
+                    now,
+                    SendCounter(0, block=self.policy.counter_block),
+                    ReceiveCounter(0),
+                )
+                self._dirty_keys.add((m.meter, key_type, version))
+                self._new_keys.add((m.meter, key_type, version))
+            m.transfer = PendingTransfer(self._next_request_id(), key_type, slot.new, now)
+            self._pending_meters.add(m.meter)
+            self._send_transfer(m, now)
+
+    def _send_transfer(self, m: MeterState, now: float) -> None:
+        t = m.transfer
+        setup, key_id = TRANSFER_TARGET[t.key_type]
+        new_key = m.keys[t.key_type][t.version].key
+        param = encode_key_transfer(m.key(KeyType.CCC).key, [(key_id, new_key)])
+        t.sent_at = now
+        self._send_session(m, KeyTransfer(t.request_id, setup.value, param))
+        self.counters["key_transfers_sent"] += 1
+
+    def _on_transfer_ack(self, m: MeterState, ack: KeyTransferAck, now: float) -> None:
+        t = m.transfer
+        if t is None or ack.request_id != t.request_id:
+            self.counters["stale_acks"] += 1
+            return
+        m.transfer = None
+        if ack.ok:
+            if m.slots[t.key_type].new == t.version:
+                self._activate(m, t.key_type, t.version, now)
+        else:
+            self._withdraw(m, t.key_type, now, ack.reason or "refused")
+            self._campaign_failed(m.meter, t.key_type.value)
+        self._start_wanted_transfer(m, now)
+        if m.transfer is None and m.association is None:
+            self._pending_meters.discard(m.meter)
+
+    def _activate(self, m: MeterState, key_type: KeyType, version: int, now: float, recovered: bool = False) -> None:
+        slot = m.slots[key_type]
+        try:
+            expired = slot.activate(version)
+        except KeyLifecycleError:
+            return
+        gk = m.keys[key_type][version]
+        gk.state = KeyState.ACTIVE
+        self._dirty_keys.add((m.meter, key_type, version))
+        if expired is not None:
+            # Forgotten in memory; the row stays in the store, as EXPIRED.
+            self._expire(m, key_type, m.keys[key_type].pop(expired))
+        if key_type is KeyType.AK:
+            for s in (m.session, m.previous):
+                if s is not None:
+                    s.rekey_ak(gk.key)
+        if m.transfer is not None and m.transfer.key_type is key_type and m.transfer.version == version:
+            m.transfer = None
+        self.counters[f"reprogrammed_{key_type.value}"] += 1
+        if recovered:
+            self.counters["key_recoveries"] += 1
+        self._event("key_change", meter=m.meter, key=key_type.value, version=version, recovered=recovered)
+        self._campaign_progress(m.meter, key_type.value)
+
+    def _expire(self, m: MeterState, key_type: KeyType, gk: GlobalKey) -> None:
+        gk.state = KeyState.EXPIRED
+        self._dirty_keys.discard((m.meter, key_type, gk.version))
+        self._expired_rows.append(
+            KeyRow(m.meter, key_type, gk.version, KeyState.EXPIRED, gk.created, gk.tx.reserved_until,
+                   gk.rx.lowest_acceptable)
+        )
+
+    def _withdraw(self, m: MeterState, key_type: KeyType, now: float, why: str) -> None:
+        slot = m.slots[key_type]
+        version = slot.withdraw()
+        self._expire(m, key_type, m.keys[key_type].pop(version))
+        self.counters["keys_withdrawn"] += 1
+        self._event("key_withdrawn", meter=m.meter, key=key_type.value, version=version, why=why)
+
+    # -- commands ----------------------------------------------------------------
+
+    def command(self, cmd: dict, now: float) -> None:
+        """Operator commands (``ami keys rotate``, ``ami read``), already decoded."""
+        cid = str(cmd.get("id", ""))[:64]
+        reply = cmd.get("reply") if isinstance(cmd.get("reply"), str) else None
+        op = cmd.get("op")
+        if op == "rotate":
+            key = cmd.get("key")
+            targets = cmd.get("meters")
+            if key not in ROTATABLE:
+                return self._reply(reply, {"id": cid, "error": f"unknown key {key!r}"})
+            if targets == "all":
+                chosen = list(self.meters)
+            elif isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+                unknown = [t for t in targets if t not in self.meters]
+                if unknown:
+                    return self._reply(reply, {"id": cid, "error": f"unknown meters: {unknown[:5]}"})
+                chosen = targets
+            else:
+                return self._reply(reply, {"id": cid, "error": "meters must be 'all' or a list"})
+            self.campaigns[cid] = Campaign(cid, key, reply, now, set(chosen), len(chosen))
+            self._reply(reply, {"id": cid, "accepted": len(chosen), "key": key})
+            for mid in chosen:
+                m = self.meters[mid]
+                if key == "session":
+                    self._associate(m, now, "command")
+                else:
+                    self.request_rotation(m, KeyType(key), now)
+            self._campaign_check(cid, now)
+        elif op == "read":
+            m = self.meters.get(cmd.get("meter"))
+            if m is None:
+                return self._reply(reply, {"id": cid, "error": "unknown meter"})
+            if m.session is None:
+                return self._reply(reply, {"id": cid, "error": "meter not associated"})
+            rid = self._next_request_id()
+            m.reads[rid] = (cid, reply)
+            self._send_session(m, ReadRequest(rid))
+        elif op == "status":
+            self._reply(reply, {"id": cid, "meters": len(self.meters), "counters": dict(self.counters)})
+        else:
+            self._reply(reply, {"id": cid, "error": f"unknown op {op!r}"})
+
+    def _reply(self, topic: str | None, body: dict) -> None:
+        if topic:
+            self._replies.append((topic, body))
+
+    def _on_read_reply(self, m: MeterState, msg: ReadReply) -> None:
+        waiting = m.reads.pop(msg.request_id, None)
+        if waiting is None:
+            self.counters["stale_replies"] += 1
+            return
+        cid, reply = waiting
+        r = msg.reading
+        self._reply(
+            reply,
+            {"id": cid, "meter": m.meter, "ts": r.ts, "energy_wh": r.energy_wh, "power_w": r.power_w,
+             "voltage_v": r.voltage_dv / 10},
+        )
+
+    def _campaign_progress(self, meter: str, key: str) -> None:
+        for cid, c in list(self.campaigns.items()):
+            if c.key == key and meter in c.remaining:
+                c.remaining.discard(meter)
+                self._campaign_check(cid, None)
+
+    def _campaign_failed(self, meter: str, key: str) -> None:
+        for cid, c in list(self.campaigns.items()):
+            if c.key == key and meter in c.remaining:
+                c.remaining.discard(meter)
+                c.failed.add(meter)
+                self._campaign_check(cid, None)
+
+    def _campaign_check(self, cid: str, now: float | None) -> None:
+        c = self.campaigns.get(cid)
+        if c is None or c.remaining:
+            return
+        del self.campaigns[cid]
+        self._campaign_done.append(c)
+
+    # -- timers --------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        p = self.policy
+        for mid in list(self._pending_meters):
+            m = self.meters[mid]
+            pa = m.association
+            if pa is not None and now - pa.sent_at >= p.association_timeout_s:
+                self.counters["association_timeouts"] += 1
+                self._next_association_attempt(m, now, "timeout")
+            t = m.transfer
+            if t is not None and now - t.sent_at >= p.transfer_timeout_s:
+                if m.session is None:
+                    m.transfer = None
+                    m.wanted_transfers.insert(0, t.key_type)
+                    self._associate(m, now, "key_transfer")
+                elif t.attempts >= p.transfer_max_attempts:
+                    m.transfer = None
+                    self.counters["key_transfers_failed"] += 1
+                    self._event("alarm", alarm="key_transfer_failed", meter=mid, key=t.key_type.value)
+                    self._campaign_failed(mid, t.key_type.value)
+                else:
+                    # Same key again: a meter that already took it just acks again.
+                    t.attempts += 1
+                    t.request_id = self._next_request_id()
+                    self._send_transfer(m, now)
+            if m.association is None and m.transfer is None:
+                self._pending_meters.discard(mid)
+        while self._age_heap and self._age_heap[0][0] <= now:
+            _due, mid, serial = heapq.heappop(self._age_heap)
+            m = self.meters[mid]
+            if m.session is not None and m.session.serial == serial:
+                self._associate(m, now, "renewal")
+        if p.global_key_max_age_s > 0:
+            self._global_age_policy(now)
+        self._gap_fill(now)
+        self._finish_campaigns(now)
+
+    def _global_age_policy(self, now: float) -> None:
+        limit = self.policy.global_key_max_age_s
+        for m in self.meters.values():
+            if m.session is None:
+                continue
+            for kt in (KeyType.CC_LAN, KeyType.AK):
+                if now - m.key(kt).created >= limit and kt not in m.wanted_transfers and (
+                    m.transfer is None or m.transfer.key_type is not kt
+                ):
+                    self.request_rotation(m, kt, now)
+
+    def _finish_campaigns(self, now: float) -> None:
+        for c in self._campaign_done:
+            self._reply(
+                c.reply,
+                {
+                    "id": c.command_id,
+                    "done": True,
+                    "key": c.key,
+                    "total": c.total,
+                    "failed": len(c.failed),
+                    "elapsed_s": round(now - c.started, 3),
+                },
+            )
+            self._event("rotation_done", key=c.key, total=c.total, failed=len(c.failed),
+                        elapsed_s=round(now - c.started, 3))
+        self._campaign_done.clear()

@@ -1,0 +1,215 @@
+"""The head-end service: the async shell around ``HeadEndEngine``.
+
+One loop, repeated: take every message that arrived (WAN batches, operator
+commands), feed the engine, run its timers, **commit** what it produced,
+then publish the downlink, replies and events.  Work that arrives while a
+commit is running waits for the next round, so commits group themselves
+under load (one transaction for many batches) and stay small when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from hdrh.histogram import HdrHistogram
+
+from ami.bus import make_client, publish_all
+from ami.logs import get_logger
+from ami.monitor import Metrics, event_payload, publish_status
+from ami.protocol import topics
+from ami.protocol.messages import Batch, encode_batch
+from ami.provision import iter_factory_keys, load_network
+from ami.vault import open_vault
+
+from .engine import HeadEndEngine, Policy
+from .store import open_store
+
+log = get_logger("headend")
+MAX_COMMAND_BYTES = 64 * 1024
+DOWNLINK_BATCH = 500  # frames per WAN downlink message
+LATENCY_MAX_US = 600_000_000  # 10 minutes
+
+
+class HeadEndService:
+    def __init__(self, config: dict[str, Any], broker: str, data_dir: Path, ident: str = "headend") -> None:
+        self.config = config
+        self.hcfg = dict(config.get("headend", {}))
+        self.broker = broker
+        self.data_dir = Path(data_dir)
+        self.ident = ident
+        self.qos = int(config.get("bus", {}).get("qos", 1))
+        self.metrics = Metrics("headend", ident)
+        self.latency_total = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self.latency_interval = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self._inbox: deque[aiomqtt.Message] = deque()
+        self._wakeup = asyncio.Event()
+        self._downlink_seq = 0
+        self.ready = asyncio.Event()
+
+    async def start_engine(self) -> None:
+        t0 = time.perf_counter()
+        network = load_network(self.data_dir)
+        self.vault = open_vault(self.hcfg.get("vault", "file:headend.kek"), data_dir=self.data_dir)
+        self.store = open_store(self.hcfg.get("store", "sqlite:headend.db"), self.vault, self.data_dir)
+        await self.store.open()
+        imported = await self.store.import_factory(iter_factory_keys(self.data_dir), time.time())
+        snapshot = await self.store.load()
+        self.engine = HeadEndEngine(
+            network.headend_title, Policy.from_config(self.hcfg), lambda: secrets.token_bytes(16)
+        )
+        self.engine.load(snapshot, time.time())
+        self.metrics.gauges["cold_start_s"] = round(time.perf_counter() - t0, 3)
+        log.info(
+            "headend_loaded",
+            meters=len(self.engine.meters),
+            imported=imported,
+            sessions=len(snapshot.sessions),
+            cold_start_s=self.metrics.gauges["cold_start_s"],
+            store=repr(self.store),
+            vault=self.vault.name,
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        await self.start_engine()
+        status = topics.monitor_status("headend", self.ident)
+        client = make_client(
+            self.broker, user="headend", data_dir=self.data_dir, identifier=f"ami-headend-{self.ident}",
+            status_topic=status,
+        )
+        try:
+            async with client:
+                await client.subscribe(topics.WAN_UP_FILTER, qos=self.qos)
+                await client.subscribe(topics.HEADEND_COMMANDS, qos=self.qos)
+                await publish_status(client, self.metrics, "online")
+                reader = asyncio.create_task(self._read(client))
+                metrics_task = asyncio.create_task(self._metrics_loop(client))
+                self.ready.set()
+                try:
+                    await self._loop(client, stop)
+                finally:
+                    reader.cancel()
+                    metrics_task.cancel()
+                    await asyncio.gather(reader, metrics_task, return_exceptions=True)
+                await self._round(client, time.time())  # flush what is left
+                await client.publish(
+                    topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
+                    qos=1, retain=True,
+                )
+                await publish_status(client, self.metrics, "offline")
+        finally:
+            await self.store.close()
+            self.vault.close()
+        log.info("headend_stopped", **{k: v for k, v in self.engine.counters.items() if k.startswith("readings")})
+        return 0
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._inbox.append(message)
+            self._wakeup.set()
+
+    async def _loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        tick = float(self.hcfg.get("commit_interval_ms", 200)) / 1000
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                if not self._inbox:
+                    waiter = asyncio.create_task(self._wakeup.wait())
+                    await asyncio.wait({waiter, stopper}, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                self._wakeup.clear()
+                await self._round(client, time.time())
+        finally:
+            stopper.cancel()
+
+    async def _round(self, client: aiomqtt.Client, now: float) -> None:
+        engine = self.engine
+        handled = 0
+        while self._inbox and handled < 2000:
+            message = self._inbox.popleft()
+            handled += 1
+            payload = message.payload
+            if not isinstance(payload, (bytes, bytearray)):
+                payload = b"" if payload is None else str(payload).encode()
+            topic = message.topic.value
+            if topic == topics.HEADEND_COMMANDS:
+                self._command(bytes(payload), now)
+                continue
+            wan = topics.parse_wan(topic)
+            engine.handle_batch(bytes(payload), now, wan[0] if wan else None)
+        engine.tick(now)
+        effects = engine.drain()
+        t0 = time.perf_counter()
+        await self.store.commit(effects.commit)  # durable BEFORE anything leaves
+        self.metrics.gauges["last_commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        for latency_ns in effects.latencies_ns:
+            us = max(1, min(latency_ns // 1000, LATENCY_MAX_US))
+            self.latency_total.record_value(us)
+            self.latency_interval.record_value(us)
+        out: list[tuple[str, bytes]] = []
+        for concentrator, frames in effects.downlink.items():
+            for i in range(0, len(frames), DOWNLINK_BATCH):
+                self._downlink_seq += 1
+                batch = Batch(concentrator, self._downlink_seq, tuple(frames[i : i + DOWNLINK_BATCH]))
+                out.append((topics.wan_down(concentrator), encode_batch(batch)))
+        for topic, body in effects.replies:
+            out.append((topic, json.dumps(body).encode()))
+        for event in effects.events:
+            out.append((topics.HEADEND_EVENTS, event_payload(event.pop("kind"), **event)))
+        if out:
+            await publish_all(client, out, qos=self.qos)
+
+    def _command(self, payload: bytes, now: float) -> None:
+        try:
+            if len(payload) > MAX_COMMAND_BYTES:
+                raise ValueError("command too large")
+            cmd = json.loads(payload)
+            if not isinstance(cmd, dict):
+                raise ValueError("command is not an object")
+        except (ValueError, UnicodeDecodeError):
+            self.engine.rejected["malformed_command"] += 1
+            return
+        self.engine.command(cmd, now)
+
+    def _snapshot(self) -> dict[str, Any]:
+        engine = self.engine
+        m = self.metrics
+        m.counters.clear()
+        m.counters.update(engine.counters)
+        m.rejected.update({k: 0 for k in m.rejected})
+        for reason, n in engine.rejected.items():
+            m.rejected[reason] = n
+        m.gauges.update(
+            meters=len(engine.meters),
+            sessions=sum(1 for x in engine.meters.values() if x.session is not None),
+            pending=len(engine._pending_meters),
+            meters_with_gaps=len(engine._gap_meters),
+            inbox=len(self._inbox),
+        )
+        snap = m.snapshot()
+        total, interval = self.latency_total, self.latency_interval
+        snap["latency_ms"] = {
+            "count": total.get_total_count(),
+            **{f"p{p}": total.get_value_at_percentile(p) / 1000 for p in (50, 90, 99, 99.9)},
+            "max": total.get_max_value() / 1000,
+            "interval_count": interval.get_total_count(),
+            "interval_p99": interval.get_value_at_percentile(99) / 1000,
+            # HDR-encoded interval histogram, for load tests to merge exactly.
+            "interval_hdr": base64.b64encode(interval.encode()).decode() if interval.get_total_count() else "",
+        }
+        interval.reset()
+        return snap
+
+    async def _metrics_loop(self, client: aiomqtt.Client) -> None:
+        interval = float(self.config.get("monitor", {}).get("metrics_interval_s", 2.0))
+        topic = topics.monitor_metrics("headend", self.ident)
+        while True:
+            await asyncio.sleep(interval)
+            await client.publish(topic, json.dumps(self._snapshot()).encode(), qos=0, retain=True)
