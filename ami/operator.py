@@ -1,0 +1,82 @@
+"""Operator commands to the head-end over the bus: ``ami keys rotate`` and ``ami read``.
+
+A command is a JSON object on ``ami/v1/control/headend/commands`` naming a
+reply topic under ``ami/v1/control/replies/``; the head-end answers there
+(first an acceptance, then, for rotations, the result when every meter is
+done).  Only the ``operator`` bus user may publish commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .bus import make_client
+from .cli import add_common_arguments
+from .protocol import topics
+
+
+async def request(
+    broker: str, data_dir, command: dict[str, Any], *, timeout: float, until_done: bool
+) -> AsyncIterator[dict[str, Any]]:
+    """Send one command and yield the head-end's replies."""
+    cid = uuid.uuid4().hex[:16]
+    reply_topic = topics.control_reply(cid)
+    command = {**command, "id": cid, "reply": reply_topic}
+    async with make_client(broker, user="operator", data_dir=data_dir, identifier=f"ami-operator-{cid}") as client:
+        await client.subscribe(reply_topic, qos=1)
+        await client.publish(topics.HEADEND_COMMANDS, json.dumps(command).encode(), qos=1)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                body = json.loads(message.payload)
+                yield body
+                if "error" in body or not until_done or body.get("done"):
+                    return
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    sub = parser.add_subparsers(dest="keys_command", required=True)
+    rotate = sub.add_parser("rotate", help="renew session keys or reprogram CC_LAN/CC_LOCALE/AK under CCC")
+    add_common_arguments(rotate, config)
+    target = rotate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--meter", action="append", help="meter id (repeatable)")
+    target.add_argument("--all", action="store_true", help="every meter")
+    rotate.add_argument("--key", choices=["session", "cc_lan", "cc_locale", "ak"], default="session")
+    rotate.add_argument("--timeout", type=float, default=300.0)
+    rotate.add_argument("--no-wait", action="store_true", help="return once the head-end accepted the command")
+
+
+def main(args: argparse.Namespace, config: dict) -> int:
+    command = {"op": "rotate", "key": args.key, "meters": "all" if args.all else args.meter}
+    return asyncio.run(_print_replies(args, command, until_done=not args.no_wait))
+
+
+async def _print_replies(args: argparse.Namespace, command: dict, *, until_done: bool) -> int:
+    try:
+        async for body in request(args.broker, args.data, command, timeout=args.timeout, until_done=until_done):
+            print(json.dumps(body))
+            if "error" in body or body.get("failed"):
+                return 1
+    except TimeoutError:
+        print(json.dumps({"error": f"no answer within {args.timeout} s"}))
+        return 1
+    return 0
+
+
+def add_read_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    add_common_arguments(parser, config)
+    parser.add_argument("meter", help="meter id, e.g. m000001")
+    parser.add_argument("--timeout", type=float, default=30.0)
+
+
+def read_main(args: argparse.Namespace, config: dict) -> int:
+    return asyncio.run(_print_replies(args, {"op": "read", "meter": args.meter}, until_done=False))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: ami keys rotate ... / ami read METER")
