@@ -176,25 +176,27 @@ class SqliteStore:
 
     def _import_factory(self, records: list[dict[str, str]], now: float) -> int:
         db = self._db
-        known = {row[0] for row in db.execute("SELECT meter FROM meters")}
-        fresh = [r for r in records if r["meter"] not in known]
-        if not fresh:
-            return 0
-        key_rows = []
-        for r in fresh:
-            for key_type in (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE):
-                raw = bytes.fromhex(r[key_type.value])
-                key_rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, self.vault.wrap(raw), now))
-        db.execute("BEGIN")
-        db.executemany(
-            "INSERT INTO meters (meter, system_title, concentrator) VALUES (?, ?, ?)",
-            [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
-        )
-        db.executemany(
-            "INSERT INTO keys (meter, key_type, version, state, wrapped, created) VALUES (?, ?, ?, ?, ?, ?)",
-            key_rows,
-        )
-        db.execute("COMMIT")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            known = {row[0] for row in db.execute("SELECT meter FROM meters")}
+            fresh = [r for r in records if r["meter"] not in known]
+            key_rows = []
+            for r in fresh:
+                for key_type in (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE):
+                    raw = bytes.fromhex(r[key_type.value])
+                    key_rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, self.vault.wrap(raw), now))
+            db.executemany(
+                "INSERT INTO meters (meter, system_title, concentrator) VALUES (?, ?, ?)",
+                [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
+            )
+            db.executemany(
+                "INSERT INTO keys (meter, key_type, version, state, wrapped, created) VALUES (?, ?, ?, ?, ?, ?)",
+                key_rows,
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return len(fresh)
 
     # -- cold start ---------------------------------------------------------
@@ -243,8 +245,10 @@ class SqliteStore:
         try:
             if batch.readings:
                 db.executemany(
-                    "INSERT OR IGNORE INTO readings (meter, seq, ts, energy_wh, power_w, voltage_dv, received) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    # ON CONFLICT, not OR IGNORE: only a duplicate (meter, seq) is
+                    # skipped; a malformed row must fail the whole commit.
+                    "INSERT INTO readings (meter, seq, ts, energy_wh, power_w, voltage_dv, received) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter, seq) DO NOTHING",
                     batch.readings,
                 )
             for k in batch.keys:
@@ -292,11 +296,13 @@ class SqliteStore:
 
     async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
         rows = await self.query(
-            "SELECT wrapped FROM keys WHERE meter = ? AND key_type = ? AND state = 'active'", (meter, key_type.value)
+            "SELECT wrapped FROM keys WHERE meter = ? AND key_type = ? AND state = 'active' ORDER BY version DESC",
+            (meter, key_type.value),
         )
         if not rows:
             raise KeyError(f"no active {key_type.value} for {meter}")
-        return SecretBytes(self.vault.unwrap(bytes(rows[0][0])))
+        # In a thread: an HSM unwrap blocks.
+        return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))
 
 
 def open_store(spec: str, vault: KeyVault, data_dir: Path):

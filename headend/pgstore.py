@@ -1,0 +1,409 @@
+"""The head-end's durable store on PostgreSQL (asyncpg).
+
+Same interface and semantics as :class:`headend.store.SqliteStore`:
+
+* every key is wrapped with the vault (RFC 3394 under the KEK) *before* it
+  is sent to the server, and unwrapped with one ``unwrap_many`` at load: the
+  database, its WAL, its backups and ``pg_dump`` only ever see wrapped keys;
+* one :class:`Commit` is one transaction: readings, counter marks,
+  lowest-acceptable values, sessions and gaps become visible together or not
+  at all;
+* readings are ``INSERT ... ON CONFLICT DO NOTHING`` (SQLite's ``INSERT OR
+  IGNORE``): each ``(meter, seq)`` is stored once, the first copy wins, in a
+  batch as across batches;
+* new keys and sessions are upserts (``INSERT OR REPLACE``), key=None rows
+  are plain UPDATEs (of nothing if the row is missing), and the rows of a
+  Commit are applied in their list order.
+
+Differences, all deliberate:
+
+* ``query(sql, params)`` takes PostgreSQL SQL with ``$1, $2...``
+  placeholders (asyncpg), not SQLite's ``?``.  It returns a list of tuples.
+* the DSN may carry ``?schema=NAME``: the store then works in that schema
+  (``search_path``), creating it if needed.  A libpq-style
+  ``?options=-c%20search_path%3DNAME`` (handled by the server) or
+  ``?search_path=NAME`` (sent as a server setting) also work, but the
+  schema must then already exist.
+* durability follows the server's ``synchronous_commit`` (default ``on``:
+  a committed batch survives an OS crash, stronger than SQLite's
+  ``synchronous=NORMAL``).
+
+Readings are bulk-loaded with COPY into a per-connection temporary table,
+then moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``: for
+10,000 rows about 1.4x faster than asyncpg's pipelined ``executemany`` or
+an ``unnest`` of arrays (measured ~210k vs ~150k rows/s on a local server);
+below ~128 rows ``executemany`` wins and is used.  A temporary table needs
+a session-pooling connection: do not put a transaction-pooling pgbouncer in
+front of this store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from itertools import groupby
+from typing import Any
+
+import asyncpg
+import msgpack
+
+from ami.protocol.keys import KeyState, KeyType, SecretBytes
+from ami.vault import KeyVault
+
+from .store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+
+__all__ = ["SCHEMA", "PostgresStore"]
+
+# The SQLite schema, translated.  Integers are BIGINT everywhere (SQLite's
+# INTEGER is 64-bit: a value SQLite accepts must not overflow here).  The
+# CHECK on the wrapped columns is defence in depth: an RFC 3394 blob is
+# 24/32/40 bytes, a clear 16-byte key can never be stored by mistake.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meters (
+    meter TEXT PRIMARY KEY,
+    system_title BYTEA NOT NULL UNIQUE,
+    concentrator TEXT NOT NULL,
+    high_seq BIGINT,
+    gaps BYTEA
+);
+CREATE TABLE IF NOT EXISTS keys (
+    meter TEXT NOT NULL,
+    key_type TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40)),
+    created DOUBLE PRECISION NOT NULL,
+    tx_mark BIGINT NOT NULL DEFAULT 0,
+    rx_lowest BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (meter, key_type, version)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    meter TEXT PRIMARY KEY,
+    serial BIGINT NOT NULL,
+    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40)),
+    created DOUBLE PRECISION NOT NULL,
+    tx_mark BIGINT NOT NULL,
+    rx_lowest BIGINT NOT NULL,
+    frames BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS readings (
+    meter TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts BIGINT NOT NULL,
+    energy_wh BIGINT NOT NULL,
+    power_w BIGINT NOT NULL,
+    voltage_dv BIGINT NOT NULL,
+    received DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (meter, seq)
+);
+"""
+
+# Per connection, emptied at every commit.  Same NOT NULL constraints as
+# readings, so a bad row fails at COPY, inside the Commit's transaction.
+_READINGS_IN = "_headend_readings_in"
+_TEMP_TABLE = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_READINGS_IN} (
+    meter TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    ts BIGINT NOT NULL,
+    energy_wh BIGINT NOT NULL,
+    power_w BIGINT NOT NULL,
+    voltage_dv BIGINT NOT NULL,
+    received DOUBLE PRECISION NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+_READING_COLUMNS = ("meter", "seq", "ts", "energy_wh", "power_w", "voltage_dv", "received")
+_MOVE_READINGS = (
+    f"INSERT INTO readings ({', '.join(_READING_COLUMNS)}) "
+    f"SELECT {', '.join(_READING_COLUMNS)} FROM pg_temp.{_READINGS_IN} ON CONFLICT DO NOTHING"
+)
+# Below this many rows COPY's extra round trips cost more than they save
+# (measured crossover: between 50 and 200 rows).
+_COPY_THRESHOLD = 128
+_INSERT_READING = (
+    f"INSERT INTO readings ({', '.join(_READING_COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+    "ON CONFLICT DO NOTHING"
+)
+
+_UPSERT_KEY = (
+    "INSERT INTO keys (meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+    "ON CONFLICT (meter, key_type, version) DO UPDATE SET state = EXCLUDED.state, "
+    "wrapped = EXCLUDED.wrapped, created = EXCLUDED.created, tx_mark = EXCLUDED.tx_mark, "
+    "rx_lowest = EXCLUDED.rx_lowest"
+)
+_UPDATE_KEY = (
+    "UPDATE keys SET state = $1, tx_mark = $2, rx_lowest = $3 WHERE meter = $4 AND key_type = $5 AND version = $6"
+)
+_DELETE_SESSION = "DELETE FROM sessions WHERE meter = $1"
+_UPSERT_SESSION = (
+    "INSERT INTO sessions (meter, serial, wrapped, created, tx_mark, rx_lowest, frames) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+    "ON CONFLICT (meter) DO UPDATE SET serial = EXCLUDED.serial, wrapped = EXCLUDED.wrapped, "
+    "created = EXCLUDED.created, tx_mark = EXCLUDED.tx_mark, rx_lowest = EXCLUDED.rx_lowest, "
+    "frames = EXCLUDED.frames"
+)
+_UPDATE_SESSION = "UPDATE sessions SET tx_mark = $1, rx_lowest = $2, frames = $3 WHERE meter = $4 AND serial = $5"
+_UPDATE_METER = "UPDATE meters SET high_seq = $1, gaps = $2 WHERE meter = $3"
+
+# Serialises schema creation and factory imports between processes.
+_LOCK_ID = 0x6865_6164_656E_6400  # b"headend\0": any fixed bigint will do
+
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _split_dsn(dsn: str) -> tuple[str, str | None]:
+    """Return (dsn without ``schema=``, schema or None)."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    schemas = [v for k, v in query if k == "schema"]
+    if not schemas:
+        return dsn, None
+    if len(schemas) > 1:
+        raise ValueError("postgresql store: schema= given more than once")
+    schema = schemas[0]
+    if not _SCHEMA_NAME.match(schema):
+        raise ValueError(f"postgresql store: invalid schema name {schema[:64]!r}")
+    rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "schema"])
+    return urllib.parse.urlunsplit(parts._replace(query=rest)), schema
+
+
+def _redact(dsn: str) -> str:
+    """The DSN without its password (for repr and logs)."""
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.password is None:
+        netloc = parts.netloc
+    else:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{hostinfo}"
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, "***" if k in ("password", "sslpassword") else v) for k, v in query]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=urllib.parse.urlencode(query)))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute(_TEMP_TABLE)
+
+
+class PostgresStore:
+    """``postgresql://user@host:port/db[?schema=NAME]``.
+
+    A small pool: commits and imports are serialised (one lock, FIFO, as
+    SqliteStore's single thread), while ``query``/``active_key`` may run
+    beside them on another connection.
+    """
+
+    def __init__(self, dsn: str, vault: KeyVault, *, pool_size: int = 4) -> None:
+        self._dsn, self.schema = _split_dsn(dsn)
+        self.vault = vault
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._write_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        schema = f" schema={self.schema}" if self.schema else ""
+        return f"<PostgresStore {_redact(self._dsn)}{schema}>"
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        settings = {"search_path": _quote_ident(self.schema)} if self.schema else None
+        if self.schema:
+            # Before the pool: its connections' init must not race the schema.
+            conn = await asyncpg.connect(self._dsn)
+            try:
+                await self._create_schema(conn, f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
+            finally:
+                await conn.close()
+        pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=1,
+            max_size=self._pool_size,
+            server_settings=settings,
+            init=_init_connection,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await self._create_schema(conn, SCHEMA)
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    @staticmethod
+    async def _create_schema(conn: asyncpg.Connection, sql: str) -> None:
+        # CREATE ... IF NOT EXISTS is not race-free between two processes
+        # (duplicate pg_type rows): take a transaction-scoped advisory lock.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            await conn.execute(sql)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError(f"{self!r} is not open")
+        return self._pool
+
+    # -- provisioning -------------------------------------------------------
+
+    async def import_factory(self, records: Iterable[dict[str, str]], now: float) -> int:
+        """Import factory keys for meters not yet known; return how many."""
+        records = list(records)
+        pool = self._require_pool()
+        async with self._write_lock, pool.acquire() as conn, conn.transaction():
+            # Read "known" under the lock so two head-ends starting at once
+            # do not both import (and then collide on) the same meters.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+            known = {row[0] for row in await conn.fetch("SELECT meter FROM meters")}
+            fresh = [r for r in records if r["meter"] not in known]
+            if not fresh:
+                return 0
+            # Wrapping may be an HSM round trip per key: off the event loop.
+            key_rows = await asyncio.to_thread(self._wrap_factory, fresh, now)
+            await conn.executemany(
+                "INSERT INTO meters (meter, system_title, concentrator) VALUES ($1, $2, $3)",
+                [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
+            )
+            await conn.executemany(
+                "INSERT INTO keys (meter, key_type, version, state, wrapped, created) VALUES ($1, $2, $3, $4, $5, $6)",
+                key_rows,
+            )
+            return len(fresh)
+
+    def _wrap_factory(self, fresh: list[dict[str, str]], now: float) -> list[tuple]:
+        wrap = self.vault.wrap
+        rows = []
+        for r in fresh:
+            for key_type in (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE):
+                raw = bytes.fromhex(r[key_type.value])
+                rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, wrap(raw), now))
+        return rows
+
+    # -- cold start ---------------------------------------------------------
+
+    async def load(self) -> Snapshot:
+        pool = self._require_pool()
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for the three tables.
+            meter_rows = await conn.fetch("SELECT meter, system_title, concentrator, high_seq, gaps FROM meters")
+            raw_keys = await conn.fetch(
+                "SELECT meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest FROM keys "
+                "WHERE state != 'expired'"
+            )
+            raw_sessions = await conn.fetch(
+                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames FROM sessions"
+            )
+        meters = [
+            MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
+            for m, t, c, h, g in meter_rows
+        ]
+        # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
+        blobs = [bytes(r[4]) for r in raw_keys] + [bytes(r[2]) for r in raw_sessions]
+        clear = await asyncio.to_thread(self.vault.unwrap_many, blobs)
+        keys = [
+            KeyRow(m, KeyType(kt), v, KeyState(st), cr, tx, rx, SecretBytes(clear[i]))
+            for i, (m, kt, v, st, _w, cr, tx, rx) in enumerate(raw_keys)
+        ]
+        off = len(raw_keys)
+        sessions = [
+            SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]))
+            for i, (m, serial, _w, cr, tx, rx, fr) in enumerate(raw_sessions)
+        ]
+        return Snapshot(meters, keys, sessions)
+
+    # -- batched commits ----------------------------------------------------
+
+    async def commit(self, batch: Commit) -> None:
+        if not batch:
+            return
+        pool = self._require_pool()
+        to_wrap = [k.key for k in batch.keys if k.key is not None] + [
+            s.key for s in batch.sessions if s.key is not None and not s.deleted
+        ]
+        wrapped = iter(await asyncio.to_thread(self._wrap_all, to_wrap) if to_wrap else ())
+        # Wrap (possibly HSM round trips) and build every statement's
+        # arguments before the transaction opens: it stays as short as
+        # possible, and a failed wrap writes nothing.
+        key_ops = [
+            (
+                _UPSERT_KEY,
+                (k.meter, k.key_type.value, k.version, k.state.value, next(wrapped), k.created, k.tx_mark,
+                 k.rx_lowest),
+            )
+            if k.key is not None
+            else (_UPDATE_KEY, (k.state.value, k.tx_mark, k.rx_lowest, k.meter, k.key_type.value, k.version))
+            for k in batch.keys
+        ]
+        session_ops = [
+            (_DELETE_SESSION, (s.meter,))
+            if s.deleted
+            else (
+                _UPSERT_SESSION,
+                (s.meter, s.serial, next(wrapped), s.created, s.tx_mark, s.rx_lowest, s.frames),
+            )
+            if s.key is not None
+            else (_UPDATE_SESSION, (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial))
+            for s in batch.sessions
+        ]
+        meter_args = [(m.high_seq, msgpack.packb(m.gaps) if m.gaps else None, m.meter) for m in batch.meters]
+        async with self._write_lock, pool.acquire() as conn, conn.transaction():
+            if batch.readings:
+                await self._insert_readings(conn, batch.readings)
+            await _run_in_order(conn, key_ops)
+            await _run_in_order(conn, session_ops)
+            if meter_args:
+                await conn.executemany(_UPDATE_METER, meter_args)
+
+    def _wrap_all(self, keys: list[bytes]) -> list[bytes]:
+        wrap = self.vault.wrap
+        return [wrap(k) for k in keys]
+
+    @staticmethod
+    async def _insert_readings(conn: asyncpg.Connection, readings: Sequence[tuple]) -> None:
+        if len(readings) < _COPY_THRESHOLD:
+            await conn.executemany(_INSERT_READING, readings)
+            return
+        # The temp table is emptied ON COMMIT (and by ROLLBACK), so it holds
+        # only this batch; a fresh heap is scanned in insertion order, so the
+        # first copy of a duplicated (meter, seq) wins, as in SQLite.
+        await conn.copy_records_to_table(
+            _READINGS_IN, records=readings, columns=_READING_COLUMNS, schema_name="pg_temp"
+        )
+        await conn.execute(_MOVE_READINGS)
+
+    # -- queries (tests, `ami tsp`, reports) ----------------------------------
+
+    async def query(self, sql: str, params: tuple = ()) -> list[tuple[Any, ...]]:
+        """Run PostgreSQL SQL with ``$1``-style placeholders; rows as tuples."""
+        rows = await self._require_pool().fetch(sql, *params)
+        return [tuple(r) for r in rows]
+
+    async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
+        rows = await self.query(
+            "SELECT wrapped FROM keys WHERE meter = $1 AND key_type = $2 AND state = 'active' ORDER BY version",
+            (meter, key_type.value),
+        )
+        if not rows:
+            raise KeyError(f"no active {key_type.value} for {meter}")
+        return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))
+
+
+async def _run_in_order(conn: asyncpg.Connection, ops: list[tuple[str, tuple]]) -> None:
+    """Run (sql, args) in list order, one executemany per run of equal sql."""
+    for sql, group in groupby(ops, key=lambda op: op[0]):
+        args = [a for _, a in group]
+        if len(args) == 1:
+            await conn.execute(sql, *args[0])
+        else:
+            await conn.executemany(sql, args)
