@@ -39,22 +39,24 @@ def add_common_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     parser.add_argument("--log-level", default="info")
 
 
-def build_parser(config: dict) -> argparse.ArgumentParser:
+def build_parser(config: dict, command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand is listed; only ``command``'s module is imported."""
     parser = argparse.ArgumentParser(prog="ami", description="Linky-style smart-meter security stack")
     parser.add_argument("--config", type=Path, help="extra TOML configuration file")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                p.set_defaults(_missing=str(exc))
-                continue
-            raise
-        module.add_arguments(p, config)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p, config)
     return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    for token in argv:
+        if token in COMMANDS:
+            return token
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
     config = load_config(known.config)
-    args = build_parser(config).parse_args(argv)
-    if getattr(args, "_missing", None):
-        print(f"ami {args.command}: not available ({args._missing})", file=sys.stderr)
-        return 2
+    args = build_parser(config, _command_in(argv)).parse_args(argv)
     module = importlib.import_module(args._module)
     return int(module.main(args, config) or 0)
 

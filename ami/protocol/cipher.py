@@ -20,36 +20,17 @@ import hmac
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import AuthenticationFailed, MalformedFrame, UnsupportedSecurity
+from .errors import AuthenticationFailed, MalformedFrame
 
-TAG_LEN = 12
-KEY_LEN = 16
-IV_LEN = 12
-
-SC_AUTH = 0x10
-SC_ENC = 0x20
-SC_AUTH_ENC = 0x30
-_SUITE_MASK = 0x0F
-_SECURITY_MASK = 0x30
-_KEY_SET = 0x40
-_COMPRESSION = 0x80
-
-
-def check_security_control(sc: int, *, allow_unauthenticated: bool = False) -> int:
-    """Validate an SC byte and return its security bits (0x10, 0x20 or 0x30)."""
-    if sc & _SUITE_MASK:
-        raise UnsupportedSecurity(f"security suite {sc & _SUITE_MASK} is not suite 0")
-    if sc & _COMPRESSION:
-        raise UnsupportedSecurity("compressed APDUs are not supported")
-    if sc & _KEY_SET:
-        raise UnsupportedSecurity("broadcast key set is not used in this network")
-    bits = sc & _SECURITY_MASK
-    if bits == SC_ENC and not allow_unauthenticated:
-        # Encryption without a tag authenticates nothing: never accept it.
-        raise UnsupportedSecurity("encryption without authentication refused")
-    if bits == 0:
-        raise UnsupportedSecurity("no security applied")
-    return bits
+from .security_control import (  # noqa: F401  (re-exported)
+    IV_LEN,
+    KEY_LEN,
+    SC_AUTH,
+    SC_AUTH_ENC,
+    SC_ENC,
+    TAG_LEN,
+    check_security_control,
+)
 
 
 class Suite0Cipher:

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._ber import decode_length, encode_length
-from .cipher import SC_AUTH_ENC, TAG_LEN, Suite0Cipher, check_security_control
 from .errors import CounterExhausted, FrameTooLarge, MalformedFrame
+from .security_control import SC_AUTH_ENC, TAG_LEN, check_security_control
+
+if TYPE_CHECKING:  # parsing needs no cipher: the relay imports this module
+    from .cipher import Suite0Cipher
 
 GENERAL_GLO_CIPHERING = 0xDB
 GENERAL_DED_CIPHERING = 0xDC

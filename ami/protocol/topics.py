@@ -7,35 +7,45 @@ credentials may read.  See docs/topics.md.
 
 from __future__ import annotations
 
+import re
+
 ROOT = "ami/v1"
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _id(value: str) -> str:
+    """An id must be one plain topic level: no '/', no wildcard, not empty."""
+    if not _ID.fullmatch(value):
+        raise ValueError(f"not a valid id for a topic level: {value!r}")
+    return value
 
 
 def plc_up(concentrator: str, meter: str) -> str:
     """Meter -> relay, one ciphered APDU per message (raw bytes)."""
-    return f"{ROOT}/plc/{concentrator}/up/{meter}"
+    return f"{ROOT}/plc/{_id(concentrator)}/up/{_id(meter)}"
 
 
 def plc_down(concentrator: str, meter: str) -> str:
     """Relay -> meter, one ciphered APDU per message (raw bytes)."""
-    return f"{ROOT}/plc/{concentrator}/down/{meter}"
+    return f"{ROOT}/plc/{_id(concentrator)}/down/{_id(meter)}"
 
 
 def plc_up_filter(concentrator: str) -> str:
-    return f"{ROOT}/plc/{concentrator}/up/+"
+    return f"{ROOT}/plc/{_id(concentrator)}/up/+"
 
 
 def plc_down_filter(concentrator: str) -> str:
-    return f"{ROOT}/plc/{concentrator}/down/+"
+    return f"{ROOT}/plc/{_id(concentrator)}/down/+"
 
 
 def wan_up(concentrator: str) -> str:
     """Relay -> head-end, msgpack batches of unchanged APDUs."""
-    return f"{ROOT}/wan/{concentrator}/up"
+    return f"{ROOT}/wan/{_id(concentrator)}/up"
 
 
 def wan_down(concentrator: str) -> str:
     """Head-end -> relay, msgpack batches of unchanged APDUs."""
-    return f"{ROOT}/wan/{concentrator}/down"
+    return f"{ROOT}/wan/{_id(concentrator)}/down"
 
 
 WAN_UP_FILTER = f"{ROOT}/wan/+/up"
@@ -49,17 +59,17 @@ CONTROL_REPLIES_FILTER = f"{ROOT}/control/replies/#"
 
 
 def control_reply(request_id: str) -> str:
-    return f"{ROOT}/control/replies/{request_id}"
+    return f"{ROOT}/control/replies/{_id(request_id)}"
 
 
 def monitor_status(component: str, ident: str) -> str:
     """Retained 'online'/'offline', the offline one set as the Last Will."""
-    return f"{ROOT}/monitor/{component}/{ident}/status"
+    return f"{ROOT}/monitor/{_id(component)}/{_id(ident)}/status"
 
 
 def monitor_metrics(component: str, ident: str) -> str:
     """Retained JSON snapshot of counters, refreshed every few seconds."""
-    return f"{ROOT}/monitor/{component}/{ident}/metrics"
+    return f"{ROOT}/monitor/{_id(component)}/{_id(ident)}/metrics"
 
 
 def parse_plc_up(topic: str) -> tuple[str, str] | None:
@@ -92,16 +102,16 @@ def parse_wan(topic: str) -> tuple[str, str] | None:
 
 def local_in(concentrator: str, meter: str) -> str:
     """Handheld -> meter (the optical port, not the PLC medium)."""
-    return f"{ROOT}/local/{concentrator}/{meter}/in"
+    return f"{ROOT}/local/{_id(concentrator)}/{_id(meter)}/in"
 
 
 def local_out(concentrator: str, meter: str) -> str:
     """Meter -> handheld."""
-    return f"{ROOT}/local/{concentrator}/{meter}/out"
+    return f"{ROOT}/local/{_id(concentrator)}/{_id(meter)}/out"
 
 
 def local_in_filter(concentrator: str) -> str:
-    return f"{ROOT}/local/{concentrator}/+/in"
+    return f"{ROOT}/local/{_id(concentrator)}/+/in"
 
 
 def parse_local(topic: str) -> tuple[str, str, str] | None:
