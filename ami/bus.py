@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 from collections.abc import Iterable
@@ -72,7 +73,11 @@ def make_client(
         ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
         tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
     will = aiomqtt.Will(status_topic, b"offline", qos=1, retain=True) if status_topic else None
-    return aiomqtt.Client(
+    if identifier is not None:
+        # Two clients with one id kick each other off the broker: keep the
+        # readable name, make it unique per process.
+        identifier = f"{identifier}-{os.getpid()}"
+    client = aiomqtt.Client(
         url.host,
         url.port,
         username=username,
@@ -86,6 +91,9 @@ def make_client(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         timeout=30,
     )
+    # aiomqtt warns past 10 concurrent publishes; we pipeline hundreds on purpose.
+    client.pending_calls_threshold = 100_000
+    return client
 
 
 async def publish_all(

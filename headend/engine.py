@@ -24,6 +24,7 @@ from typing import Any
 from ami.protocol import (
     AuthenticationFailed,
     CounterExhausted,
+    ExpiredKey,
     KeyLifecycleError,
     MalformedFrame,
     MalformedMessage,
@@ -560,9 +561,30 @@ class HeadEndEngine:
         apdu = parse_apdu(aare.initiate_apdu)
         if apdu.tag != GLO_INITIATE_RESPONSE:
             raise MalformedFrame("AARE does not carry a glo-initiateResponse")
-        gk = m.keys[KeyType.CC_LAN][pa.version]
-        opener = Opener(Suite0Cipher(gk.key, m.ak), m.title, gk.rx)
-        decode_initiate_response(opener.open(apdu))
+        gk = m.keys[KeyType.CC_LAN].get(pa.version)
+        if gk is None:
+            # The CC_LAN version this AARQ went under was activated away or
+            # withdrawn since: go on with the versions left.
+            self._next_association_attempt(m, now, "key_changed")
+            raise ExpiredKey("AARE under a CC_LAN version no longer held")
+        # The meter seals its AARE under its current AK: a NEW AK whose
+        # transfer ack was lost is tried too, and activated if it verifies
+        # (as for DB and DC frames); else the association could never finish.
+        ak_slot = m.slots[KeyType.AK]
+        aks = [(ak_slot.active, m.ak)]
+        if ak_slot.new is not None:
+            aks.append((ak_slot.new, m.keys[KeyType.AK][ak_slot.new].key))
+        for i, (ak_version, ak) in enumerate(aks):
+            try:
+                plaintext = Opener(Suite0Cipher(gk.key, ak), m.title, gk.rx).open(apdu)
+            except AuthenticationFailed:
+                if i + 1 == len(aks):
+                    raise
+                continue
+            if ak_version != ak_slot.active:
+                self._activate(m, KeyType.AK, ak_version, now, recovered=True)
+            break
+        decode_initiate_response(plaintext)
         self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
         slot = m.slots[KeyType.CC_LAN]
         if pa.version == slot.new:
@@ -604,7 +626,13 @@ class HeadEndEngine:
 
     def _next_association_attempt(self, m: MeterState, now: float, why: str) -> None:
         pa = m.association
-        if pa.index + 1 < len(pa.order):
+        order = m.slots[KeyType.CC_LAN].try_order()
+        if order != pa.order:
+            # A CC_LAN version was activated or withdrawn while this
+            # association was pending: the old order may name a version we
+            # no longer hold.  Start again from what the slot holds now.
+            pa.order, pa.index = order, 0
+        elif pa.index + 1 < len(pa.order):
             pa.index += 1
         else:
             pa.index = 0
@@ -732,6 +760,16 @@ class HeadEndEngine:
         slot = m.slots[key_type]
         version = slot.withdraw()
         self._expire(m, key_type, m.keys[key_type].pop(version))
+        t = m.transfer
+        if t is not None and t.key_type is key_type and t.version == version:
+            # A transfer of the withdrawn key was still in flight (a new
+            # association overtook it: the meter kept ACTIVE and the old
+            # session, which carried the transfer, is gone).  Forget it, or
+            # its retry would look up a key we no longer hold, and ask for
+            # the key again: a fresh NEW goes out under the new session.
+            m.transfer = None
+            if key_type not in m.wanted_transfers:
+                m.wanted_transfers.insert(0, key_type)
         self.counters["keys_withdrawn"] += 1
         self._event("key_withdrawn", meter=m.meter, key=key_type.value, version=version, why=why)
 

@@ -79,36 +79,60 @@ class HeadEndService:
 
     async def run(self, stop: asyncio.Event) -> int:
         await self.start_engine()
-        status = topics.monitor_status("headend", self.ident)
-        client = make_client(
-            self.broker, user="headend", data_dir=self.data_dir, identifier=f"ami-headend-{self.ident}",
-            status_topic=status,
-        )
+        backoff = 0.5
         try:
-            async with client:
-                await client.subscribe(topics.WAN_UP_FILTER, qos=self.qos)
-                await client.subscribe(topics.HEADEND_COMMANDS, qos=self.qos)
-                await publish_status(client, self.metrics, "online")
-                reader = asyncio.create_task(self._read(client))
-                metrics_task = asyncio.create_task(self._metrics_loop(client))
-                self.ready.set()
+            while not stop.is_set():
                 try:
-                    await self._loop(client, stop)
-                finally:
-                    reader.cancel()
-                    metrics_task.cancel()
-                    await asyncio.gather(reader, metrics_task, return_exceptions=True)
-                await self._round(client, time.time())  # flush what is left
-                await client.publish(
-                    topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
-                    qos=1, retain=True,
-                )
-                await publish_status(client, self.metrics, "offline")
+                    await self._session(stop)
+                    break
+                except aiomqtt.MqttError as exc:
+                    # The engine keeps its state; what was in flight is
+                    # recovered by timeouts, retries and gap-fill.
+                    self.metrics.incr("reconnects")
+                    log.warning("bus connection lost", error=str(exc), retry_in_s=backoff)
+                    try:
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    except TimeoutError:
+                        pass
+                    backoff = min(backoff * 2, 10.0)
         finally:
             await self.store.close()
             self.vault.close()
         log.info("headend_stopped", **{k: v for k, v in self.engine.counters.items() if k.startswith("readings")})
         return 0
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """One connection's life: subscribe, serve until stopped or disconnected."""
+        status = topics.monitor_status("headend", self.ident)
+        client = make_client(
+            self.broker, user="headend", data_dir=self.data_dir, identifier=f"ami-headend-{self.ident}",
+            status_topic=status,
+        )
+        async with client:
+            await client.subscribe(topics.WAN_UP_FILTER, qos=self.qos)
+            await client.subscribe(topics.HEADEND_COMMANDS, qos=self.qos)
+            await publish_status(client, self.metrics, "online")
+            tasks = [
+                asyncio.create_task(self._read(client)),
+                asyncio.create_task(self._metrics_loop(client)),
+                asyncio.create_task(self._loop(client, stop)),
+            ]
+            self.ready.set()
+            try:
+                done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()
+            await self._round(client, time.time())  # flush what is left
+            await client.publish(
+                topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
+                qos=1, retain=True,
+            )
+            await publish_status(client, self.metrics, "offline")
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

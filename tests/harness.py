@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from contextlib import closing
 from pathlib import Path
@@ -56,7 +57,7 @@ class Collector:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.latest: dict[str, bytes] = {}
         self.lock = threading.Lock()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{port}")
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"collector-{uuid.uuid4().hex[:12]}")
         if user:
             self.client.username_pw_set(user, password)
         self.client.on_message = self._on_message
