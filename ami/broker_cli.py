@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from .bus import parse_broker_url
 from .cli import add_common_arguments
 from .logs import configure_logging, get_logger
 from .runner import run_service
+
+
+class _DropPortProbes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "No data to decode MQTT packet fixed header" not in message
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
@@ -28,6 +35,9 @@ def main(args: argparse.Namespace, config: dict) -> int:
     if args.no_auth or not (bus_dir / "credentials.json").exists():
         bus_dir = None
     log = get_logger("broker")
+    # `ami` services probe the port before connecting (wait_for_broker): amqtt
+    # reports each probe as an error; keep its log for real problems.
+    logging.getLogger("amqtt.broker").addFilter(_DropPortProbes())
 
     async def _main(stop):
         await run_broker(

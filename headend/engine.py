@@ -81,7 +81,7 @@ from ami.protocol.messages import (
 )
 
 from .state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
-from .store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from .records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 
 GLOBAL_TYPES = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 ROTATABLE = {"session", "cc_lan", "cc_locale", "ak"}
@@ -167,6 +167,7 @@ class HeadEndEngine:
         self._dirty_sessions: set[str] = set()
         self._new_sessions: set[str] = set()
         self._deleted_sessions: set[str] = set()
+        self._dirty_pending: set[str] = set()
         self._dirty_meters: set[str] = set()
         self._downlink: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
         self._replies: list[tuple[str, dict]] = []
@@ -212,6 +213,15 @@ class HeadEndEngine:
                     s.key if mid in self._new_sessions else None,
                 )
             )
+        for mid in self._dirty_pending:
+            pa = self.meters[mid].association
+            if pa is None:
+                commit.sessions.append(SessionRow(mid, 0, 0.0, 0, 0, 0, deleted=True, pending=True))
+            else:
+                commit.sessions.append(
+                    SessionRow(mid, pa.serial, pa.sent_at, 0, 0, 0, pa.session_key, pending=True,
+                               lan_version=pa.version)
+                )
         for mid in self._dirty_meters:
             m = self.meters[mid]
             commit.meters.append(MeterRow(mid, m.title, m.concentrator, m.high_seq, sorted(m.gaps)))
@@ -270,6 +280,9 @@ class HeadEndEngine:
                 slot.new = k.version
         for s in snapshot.sessions:
             m = self.meters[s.meter]
+            if s.pending:
+                self._restore_pending(m, s, now)
+                continue
             m.session = Session.build(
                 s.serial,
                 s.key,
@@ -281,9 +294,21 @@ class HeadEndEngine:
                 ReceiveCounter(s.rx_lowest),
                 s.frames,
             )
-            m.next_serial = s.serial + 1
+            m.next_serial = max(m.next_serial, s.serial + 1)
             self._schedule_age(m, m.session)
         self.counters["meters"] = len(self.meters)
+
+    def _restore_pending(self, m: MeterState, row: SessionRow, now: float) -> None:
+        """An AARQ was in flight when we stopped: the meter may have taken its
+        key, so keep it as the association in progress (its answer, or traffic
+        under it, completes the association; else it times out and retries)."""
+        order = m.slots[KeyType.CC_LAN].try_order()
+        if row.lan_version not in order:
+            return  # its CC_LAN expired since: that AARQ can no longer matter
+        order = [row.lan_version] + [v for v in order if v != row.lan_version]
+        m.association = PendingAssociation(row.key, row.serial, order, 0, now, 1, "restored")
+        m.next_serial = max(m.next_serial, row.serial + 1)
+        self._pending_meters.add(m.meter)
 
     # -- uplink ---------------------------------------------------------------
 
@@ -374,11 +399,6 @@ class HeadEndEngine:
         if m.previous is not None and m.previous.expires is not None and now > m.previous.expires:
             m.previous = None
         candidates = [s for s in (m.session, m.previous) if s is not None]
-        if not candidates:
-            # We hold no session (forgot it, or the meter never associated):
-            # associate, and reject this frame; gap-fill recovers its reading.
-            self._associate(m, now, "no_session")
-            raise UnknownKey("no session with this meter")
         replay = False
         for s in candidates:
             try:
@@ -387,6 +407,25 @@ class HeadEndEngine:
                 replay = True
             except AuthenticationFailed:
                 pass
+        pa = m.association
+        if pa is not None and not replay:
+            # Traffic under the key we offered proves the meter took it, even
+            # if its AARE is late or was lost (e.g. across our restart).
+            probe = Opener(Suite0Cipher(pa.session_key, m.ak), m.title, ReceiveCounter(0))
+            try:
+                plaintext = probe.open(apdu)
+            except (AuthenticationFailed, ReplayedFrame):
+                pass
+            else:
+                self.counters["associations_inferred"] += 1
+                self._install_session(m, pa, now)
+                m.session.opener.counter = probe.counter
+                return m.session, plaintext
+        if not candidates:
+            # We hold no session (forgot it, or the meter never associated):
+            # associate, and reject this frame; gap-fill recovers its reading.
+            self._associate(m, now, "no_session")
+            raise UnknownKey("no session with this meter")
         # Recovery: the meter may have taken a NEW AK whose ack we never got.
         slot = m.slots[KeyType.AK]
         if slot.new is not None and not replay:
@@ -545,6 +584,7 @@ class HeadEndEngine:
         initiate = encode_initiate_request(InitiateRequest(dedicated_key=pa.session_key))
         apdu = seal_apdu(Suite0Cipher(gk.key, m.ak), GLO_INITIATE_REQUEST, self.title, gk.tx.take(), initiate)
         pa.sent_at = now
+        self._dirty_pending.add(m.meter)  # its key is durable before the AARQ leaves
         self._send(m, build_aarq(self.title, apdu))
         self.counters["aarq_sent"] += 1
 
@@ -611,6 +651,7 @@ class HeadEndEngine:
             ReceiveCounter(0),
         )
         m.association = None
+        self._dirty_pending.add(m.meter)
         self._dirty_sessions.add(m.meter)
         self._new_sessions.add(m.meter)
         self._deleted_sessions.discard(m.meter)
@@ -639,6 +680,7 @@ class HeadEndEngine:
             pa.attempts += 1
             if pa.attempts > self.policy.association_max_attempts:
                 m.association = None
+                self._dirty_pending.add(m.meter)
                 self.counters["associations_failed"] += 1
                 self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
                 self._campaign_failed(m.meter, "session")

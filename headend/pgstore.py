@@ -80,13 +80,16 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (meter, key_type, version)
 );
 CREATE TABLE IF NOT EXISTS sessions (
-    meter TEXT PRIMARY KEY,
+    meter TEXT NOT NULL,
+    pending BOOLEAN NOT NULL,
     serial BIGINT NOT NULL,
     wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40)),
     created DOUBLE PRECISION NOT NULL,
     tx_mark BIGINT NOT NULL,
     rx_lowest BIGINT NOT NULL,
-    frames BIGINT NOT NULL
+    frames BIGINT NOT NULL,
+    lan_version BIGINT NOT NULL,
+    PRIMARY KEY (meter, pending)
 );
 CREATE TABLE IF NOT EXISTS readings (
     meter TEXT NOT NULL,
@@ -137,15 +140,17 @@ _UPSERT_KEY = (
 _UPDATE_KEY = (
     "UPDATE keys SET state = $1, tx_mark = $2, rx_lowest = $3 WHERE meter = $4 AND key_type = $5 AND version = $6"
 )
-_DELETE_SESSION = "DELETE FROM sessions WHERE meter = $1"
+_DELETE_SESSION = "DELETE FROM sessions WHERE meter = $1 AND pending = $2"
 _UPSERT_SESSION = (
-    "INSERT INTO sessions (meter, serial, wrapped, created, tx_mark, rx_lowest, frames) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
-    "ON CONFLICT (meter) DO UPDATE SET serial = EXCLUDED.serial, wrapped = EXCLUDED.wrapped, "
+    "INSERT INTO sessions (meter, pending, serial, wrapped, created, tx_mark, rx_lowest, frames, lan_version) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+    "ON CONFLICT (meter, pending) DO UPDATE SET serial = EXCLUDED.serial, wrapped = EXCLUDED.wrapped, "
     "created = EXCLUDED.created, tx_mark = EXCLUDED.tx_mark, rx_lowest = EXCLUDED.rx_lowest, "
-    "frames = EXCLUDED.frames"
+    "frames = EXCLUDED.frames, lan_version = EXCLUDED.lan_version"
 )
-_UPDATE_SESSION = "UPDATE sessions SET tx_mark = $1, rx_lowest = $2, frames = $3 WHERE meter = $4 AND serial = $5"
+_UPDATE_SESSION = (
+    "UPDATE sessions SET tx_mark = $1, rx_lowest = $2, frames = $3 WHERE meter = $4 AND NOT pending AND serial = $5"
+)
 _UPDATE_METER = "UPDATE meters SET high_seq = $1, gaps = $2 WHERE meter = $3"
 
 # Serialises schema creation and factory imports between processes.
@@ -302,7 +307,8 @@ class PostgresStore:
                 "WHERE state != 'expired'"
             )
             raw_sessions = await conn.fetch(
-                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames FROM sessions"
+                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames, pending, lan_version "
+                "FROM sessions"
             )
         meters = [
             MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
@@ -317,8 +323,8 @@ class PostgresStore:
         ]
         off = len(raw_keys)
         sessions = [
-            SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]))
-            for i, (m, serial, _w, cr, tx, rx, fr) in enumerate(raw_sessions)
+            SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]), pending=p, lan_version=lv)
+            for i, (m, serial, _w, cr, tx, rx, fr, p, lv) in enumerate(raw_sessions)
         ]
         return Snapshot(meters, keys, sessions)
 
@@ -346,11 +352,12 @@ class PostgresStore:
             for k in batch.keys
         ]
         session_ops = [
-            (_DELETE_SESSION, (s.meter,))
+            (_DELETE_SESSION, (s.meter, s.pending))
             if s.deleted
             else (
                 _UPSERT_SESSION,
-                (s.meter, s.serial, next(wrapped), s.created, s.tx_mark, s.rx_lowest, s.frames),
+                (s.meter, s.pending, s.serial, next(wrapped), s.created, s.tx_mark, s.rx_lowest, s.frames,
+                 s.lan_version),
             )
             if s.key is not None
             else (_UPDATE_SESSION, (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial))

@@ -18,7 +18,6 @@ import asyncio
 import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,10 @@ import msgpack
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
 from ami.vault import KeyVault
+
+from .records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+
+__all__ = ["Commit", "KeyRow", "MeterRow", "SessionRow", "Snapshot", "SqliteStore", "open_store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meters (
@@ -47,13 +50,16 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (meter, key_type, version)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sessions (
-    meter TEXT PRIMARY KEY,
+    meter TEXT NOT NULL,
+    pending INTEGER NOT NULL,       -- 1: offered in an AARQ, not yet confirmed
     serial INTEGER NOT NULL,
     wrapped BLOB NOT NULL,
     created REAL NOT NULL,
     tx_mark INTEGER NOT NULL,
     rx_lowest INTEGER NOT NULL,
-    frames INTEGER NOT NULL
+    frames INTEGER NOT NULL,
+    lan_version INTEGER NOT NULL,   -- the CC_LAN version that carried it
+    PRIMARY KEY (meter, pending)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS readings (
     meter TEXT NOT NULL,
@@ -66,61 +72,6 @@ CREATE TABLE IF NOT EXISTS readings (
     PRIMARY KEY (meter, seq)
 ) WITHOUT ROWID;
 """
-
-
-@dataclass(slots=True)
-class KeyRow:
-    meter: str
-    key_type: KeyType
-    version: int
-    state: KeyState
-    created: float
-    tx_mark: int = 0
-    rx_lowest: int = 0
-    key: SecretBytes | None = None  # set when the row is new (to be wrapped)
-
-
-@dataclass(slots=True)
-class SessionRow:
-    meter: str
-    serial: int
-    created: float
-    tx_mark: int
-    rx_lowest: int
-    frames: int
-    key: SecretBytes | None = None  # set when the session is new
-    deleted: bool = False
-
-
-@dataclass(slots=True)
-class MeterRow:
-    meter: str
-    system_title: bytes
-    concentrator: str
-    high_seq: int | None = None
-    gaps: list[int] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """Everything the engine needs at start, keys already unwrapped."""
-
-    meters: list[MeterRow]
-    keys: list[KeyRow]
-    sessions: list[SessionRow]
-
-
-@dataclass(slots=True)
-class Commit:
-    """One batched transaction's worth of changes."""
-
-    readings: list[tuple] = field(default_factory=list)  # (meter, seq, ts, e, p, u, received)
-    keys: list[KeyRow] = field(default_factory=list)
-    sessions: list[SessionRow] = field(default_factory=list)
-    meters: list[MeterRow] = field(default_factory=list)  # high_seq / gaps updates
-
-    def __bool__(self) -> bool:
-        return bool(self.readings or self.keys or self.sessions or self.meters)
 
 
 class _SingleThread:
@@ -217,7 +168,9 @@ class SqliteStore:
             )
         )
         raw_sessions = list(
-            db.execute("SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames FROM sessions")
+            db.execute(
+                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames, pending, lan_version FROM sessions"
+            )
         )
         # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
         clear = self.vault.unwrap_many([r[4] for r in raw_keys] + [r[2] for r in raw_sessions])
@@ -227,8 +180,8 @@ class SqliteStore:
         ]
         off = len(raw_keys)
         sessions = [
-            SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]))
-            for i, (m, serial, _w, cr, tx, rx, fr) in enumerate(raw_sessions)
+            SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]), pending=bool(p), lan_version=lv)
+            for i, (m, serial, _w, cr, tx, rx, fr, p, lv) in enumerate(raw_sessions)
         ]
         return Snapshot(meters, keys, sessions)
 
@@ -267,16 +220,18 @@ class SqliteStore:
                     )
             for s in batch.sessions:
                 if s.deleted:
-                    db.execute("DELETE FROM sessions WHERE meter = ?", (s.meter,))
+                    db.execute("DELETE FROM sessions WHERE meter = ? AND pending = ?", (s.meter, int(s.pending)))
                 elif s.key is not None:
                     db.execute(
-                        "INSERT OR REPLACE INTO sessions (meter, serial, wrapped, created, tx_mark, rx_lowest, frames) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (s.meter, s.serial, wrap(s.key), s.created, s.tx_mark, s.rx_lowest, s.frames),
+                        "INSERT OR REPLACE INTO sessions (meter, pending, serial, wrapped, created, tx_mark, "
+                        "rx_lowest, frames, lan_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (s.meter, int(s.pending), s.serial, wrap(s.key), s.created, s.tx_mark, s.rx_lowest, s.frames,
+                         s.lan_version),
                     )
                 else:
                     db.execute(
-                        "UPDATE sessions SET tx_mark = ?, rx_lowest = ?, frames = ? WHERE meter = ? AND serial = ?",
+                        "UPDATE sessions SET tx_mark = ?, rx_lowest = ?, frames = ? "
+                        "WHERE meter = ? AND pending = 0 AND serial = ?",
                         (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial),
                     )
             if batch.meters:

@@ -1,0 +1,70 @@
+"""The rows the head-end engine hands to its store, and the snapshot it starts from.
+
+Plain data, shared by the engine (which must not import a database driver)
+and every store backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ami.protocol.keys import KeyState, KeyType, SecretBytes
+
+
+@dataclass(slots=True)
+class KeyRow:
+    meter: str
+    key_type: KeyType
+    version: int
+    state: KeyState
+    created: float
+    tx_mark: int = 0
+    rx_lowest: int = 0
+    key: SecretBytes | None = None  # set when the row is new (to be wrapped)
+
+
+@dataclass(slots=True)
+class SessionRow:
+    meter: str
+    serial: int
+    created: float
+    tx_mark: int
+    rx_lowest: int
+    frames: int
+    key: SecretBytes | None = None  # set when the session is new
+    deleted: bool = False
+    # A pending session was offered in an AARQ that may have reached the meter:
+    # kept across a restart so the meter's answer (or traffic) still verifies.
+    pending: bool = False
+    lan_version: int = 0
+
+
+@dataclass(slots=True)
+class MeterRow:
+    meter: str
+    system_title: bytes
+    concentrator: str
+    high_seq: int | None = None
+    gaps: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Everything the engine needs at start, keys already unwrapped."""
+
+    meters: list[MeterRow]
+    keys: list[KeyRow]
+    sessions: list[SessionRow]
+
+
+@dataclass(slots=True)
+class Commit:
+    """One batched transaction's worth of changes."""
+
+    readings: list[tuple] = field(default_factory=list)  # (meter, seq, ts, e, p, u, received)
+    keys: list[KeyRow] = field(default_factory=list)
+    sessions: list[SessionRow] = field(default_factory=list)
+    meters: list[MeterRow] = field(default_factory=list)  # high_seq / gaps updates
+
+    def __bool__(self) -> bool:
+        return bool(self.readings or self.keys or self.sessions or self.meters)
