@@ -83,6 +83,16 @@ def amqtt_config(settings: dict[str, Any]) -> dict[str, Any]:
     return {"listeners": listeners, "plugins": plugins}
 
 
+class _SnapshotDict(dict):
+    """A dict whose iteration works on a copy, so it may change meanwhile."""
+
+    def items(self):  # type: ignore[override]
+        return list(super().items())
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+
 class AclBroker(Broker):
     """amqtt's Broker with its retained-message replay confined to the session.
 
@@ -97,6 +107,10 @@ class AclBroker(Broker):
     def __init__(self, config: dict[str, Any], *, acl: bool) -> None:
         super().__init__(config)
         self._acl = acl
+        # amqtt 0.12.1 iterates this dict across an await while broadcasting;
+        # a SUBSCRIBE at that moment raised "dictionary changed size during
+        # iteration", killed the broadcast task and stopped all routing.
+        self._subscriptions = _SnapshotDict(self._subscriptions)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session

@@ -404,6 +404,14 @@ class HeadEndEngine:
             try:
                 return s, s.opener.open(apdu)
             except ReplayedFrame:
+                # Below this session's floor: a replay only if it verifies
+                # under this session.  A frame under another key (a session
+                # the meter took while we missed its AARE) restarts at IC 0:
+                # it must reach the probes below, not be called a replay.
+                try:
+                    open_apdu(s.opener.cipher, apdu, s.opener.sender_title)
+                except AuthenticationFailed:
+                    continue
                 replay = True
             except AuthenticationFailed:
                 pass
@@ -574,6 +582,10 @@ class HeadEndEngine:
 
     def _send_aarq(self, m: MeterState, now: float) -> None:
         pa = m.association
+        if pa.version not in m.keys[KeyType.CC_LAN]:
+            # A CC_LAN change completed since this association began: the
+            # version it was going to try has expired; start over with today's.
+            pa.order, pa.index = m.slots[KeyType.CC_LAN].try_order(), 0
         if pa.attempts > 1 or pa.index > 0:
             # Every AARQ carries a fresh dedicated key: a meter must never
             # install the same session key twice (its counters restart at 0).

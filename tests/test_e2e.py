@@ -47,6 +47,14 @@ def _metrics(collector: Collector, component: str) -> list[dict]:
         ]
 
 
+def _online(collector: Collector, component: str) -> bool:
+    with collector.lock:
+        return any(
+            p == b"online" for t, p, _r in collector.messages if t.startswith(f"ami/v1/monitor/{component}/")
+            and t.endswith("/status")
+        )
+
+
 def _latest(collector: Collector, component: str) -> dict:
     found = _metrics(collector, component)
     return found[-1] if found else {}
@@ -68,6 +76,9 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
     try:
         net.start("headend", "headend")
         net.start("concentrator", "concentrator")
+        # Meters last, once the relays listen: a frame published before its
+        # relay subscribed is gone (MQTT keeps nothing for absent subscribers).
+        wait_until(lambda: _online(monitor, "concentrator"), 30, what="relays online")
         net.start("meters", "meters")
         wait_until(lambda: _latest(monitor, "headend").get("counters", {}).get("associations", 0) >= 200,
                    60, what="200 associations")

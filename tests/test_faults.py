@@ -67,6 +67,9 @@ def test_kill_each_process_under_load(tmp_path):
     try:
         for name in SERVICES:
             net.start(name, *SERVICES[name])
+            if name == "concentrator":
+                wait_until(lambda: monitor.latest.get("ami/v1/monitor/concentrator/relays/status") == b"online",
+                           30, what="relays online")
         wait_until(lambda: _headend(monitor).get("counters", {}).get("associations", 0) >= 60, 60,
                    what="60 associations")
         for victim in ("meters", "concentrator", "headend", "broker"):

@@ -1,0 +1,94 @@
+"""``ami meters``: run a fleet of virtual meters (meters/fleet.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from ami.bus import wait_for_broker
+from ami.cli import add_common_arguments
+from ami.logs import configure_logging, get_logger
+from ami.runner import run_service
+
+from .fleet import FleetSettings, run_fleet
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` (1-based): serve every n-th segment starting with the i-th."""
+    try:
+        i, n = (int(x) for x in text.split("/", 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--shard takes i/n, e.g. 1/4") from None
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError("--shard i/n needs 1 <= i <= n")
+    return i, n
+
+
+def parse_list(text: str) -> list[str]:
+    return [x for x in (p.strip() for p in text.split(",")) if x]
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError("a rate is a probability in [0, 1]")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    add_common_arguments(parser, config)
+    m = config.get("meters", {})
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--segments", type=parse_list, help="serve these PLC segments (c0001,c0002); default all")
+    where.add_argument("--shard", type=parse_shard, help="serve every n-th segment from the i-th (i/n, 1-based)")
+    parser.add_argument("--id", "--ident", dest="ident", help="monitor id of this process (default from the segments served)")
+    parser.add_argument("--time-compression", type=float, default=m.get("time_compression", 900.0),
+                        help="meter seconds per wall second")
+    parser.add_argument("--interval", type=int, default=m.get("interval_s", 1800), help="load-curve period (s)")
+    parser.add_argument("--jitter", type=float, default=m.get("jitter", 0.8),
+                        help="spread of pushes after each interval end, fraction of the interval")
+    parser.add_argument("--rate", type=float, metavar="FPS",
+                        help="load test: total readings/s, evenly spread (overrides compression and jitter)")
+    parser.add_argument("--stamp", action="store_true", help="put sealed_ns (wall clock) in readings for latency")
+    parser.add_argument("--tamper-rate", type=_rate, default=0.0,
+                        help="probability per pushed reading of a tamper alarm")
+    parser.add_argument("--outage-rate", type=_rate, default=0.0,
+                        help="probability per pushed reading of a power outage (1-4 intervals)")
+    parser.add_argument("--seed", type=int, help="seed of the fault injection")
+
+
+def settings_from_args(args: argparse.Namespace, config: dict) -> FleetSettings:
+    if args.rate is not None and args.rate <= 0:
+        raise SystemExit("--rate must be positive")
+    return FleetSettings.from_config(
+        config,
+        broker=args.broker,
+        data_dir=args.data,
+        segments=args.segments,
+        shard=args.shard,
+        ident=args.ident,
+        time_compression=args.time_compression,
+        interval_s=args.interval,
+        jitter=args.jitter,
+        rate=args.rate,
+        stamp=args.stamp,
+        tamper_rate=args.tamper_rate,
+        outage_rate=args.outage_rate,
+        seed=args.seed,
+    )
+
+
+def main(args: argparse.Namespace, config: dict) -> int:
+    configure_logging(args.log_level)
+    log = get_logger("meters")
+    settings = settings_from_args(args, config)
+
+    async def service(stop: asyncio.Event) -> int:
+        await wait_for_broker(settings.broker)
+        return await run_fleet(settings, stop)
+
+    try:
+        return run_service(service)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("cannot start the fleet", error=str(exc))
+        return 2

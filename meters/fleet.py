@@ -1,0 +1,564 @@
+"""The fleet: thousands of ``Meter`` state machines in one asyncio process.
+
+Shape of the shell (see docs/topics.md for the topics):
+
+* one MQTT connection per PLC segment (user ``plc-{c}``), subscribed to the
+  segment's downlink and local-port topics; one monitor connection
+  (user ``meters``) for the retained status and metrics;
+* ONE scheduler for every meter: a heap of (meter-clock due time, index),
+  not a task per meter, so 100,000 meters cost a few hundred bytes each;
+* the meter clock is ``anchor_sim + (wall - anchor_wall) * compression``,
+  anchored in NVM so it never goes back across restarts;
+* every ``Output`` goes through the same two-step pipe: its counter marks and
+  keys join the pending NVM batch, its frames join their segment's FIFO
+  tagged with the number of the newest batch they may depend on.  A
+  committer writes batches in order; a segment publisher sends a frame only
+  once its batch is durable (``need <= durable``), with up to ``window``
+  QoS 1 publishes in flight per connection so acks do not serialise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import heapq
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from ami.bus import make_client
+from ami.logs import get_logger
+from ami.monitor import Metrics
+from ami.protocol import MAX_APDU_SIZE, SecretBytes, topics
+from ami.provision import Network, iter_factory_keys, load_network
+
+from .loadcurve import mix64, seed_for, unit
+from .meter import CipherCache, Meter, MeterConfig, MeterKeys, Output
+from .monitoring import run_monitor
+from .nvm import Nvm, Record
+
+log = get_logger("meters.fleet")
+
+
+# --- settings -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class FleetSettings:
+    broker: str
+    data_dir: Path
+    segments: list[str] | None = None  # explicit list, else shard, else all
+    shard: tuple[int, int] | None = None  # (i, n), 1 <= i <= n
+    ident: str | None = None
+    qos: int = 1
+    interval_s: int = 1800
+    time_compression: float = 900.0
+    history: int = 2880
+    boot_retry_s: float = 5.0  # wall seconds
+    boot_spread_s: float | None = None  # wall seconds over which the first boots spread
+    ak_grace_s: float = 60.0  # wall seconds
+    jitter: float = 0.8
+    counter_block: int = 1024
+    metrics_interval_s: float = 2.0
+    rate: float | None = None  # total readings/s; overrides compression and jitter
+    stamp: bool = False
+    tamper_rate: float = 0.0  # probability per meter per pushed reading
+    outage_rate: float = 0.0
+    seed: int | None = None  # fault-injection randomness
+    window: int = 128  # QoS 1 publishes in flight per connection (aiomqtt scans them per publish)
+    inflight_budget: int = 16384  # ...and in the whole process
+    max_queue: int = 200_000  # frames queued before the scheduler waits
+    cipher_cache: int = 4096
+    connect_concurrency: int = 64
+    drain_timeout_s: float = 10.0
+    nvm_synchronous: str = "NORMAL"
+    start: float | None = None  # meter-clock start for a fresh NVM (default: now)
+    gc_freeze: bool = True  # move the meters out of the cyclic GC's reach after set-up
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides: Any) -> FleetSettings:
+        meters = dict(config.get("meters", {}))
+        bus = dict(config.get("bus", {}))
+        monitor = dict(config.get("monitor", {}))
+        base: dict[str, Any] = {
+            "broker": bus.get("broker", "mqtt://127.0.0.1:1884"),
+            "data_dir": Path(config.get("data", {}).get("dir", "data")),
+            "qos": int(bus.get("qos", 1)),
+            "metrics_interval_s": float(monitor.get("metrics_interval_s", 2.0)),
+        }
+        for name in (
+            "interval_s", "time_compression", "history", "boot_retry_s", "boot_spread_s", "ak_grace_s",
+            "jitter", "counter_block", "window", "inflight_budget", "max_queue", "cipher_cache", "connect_concurrency",
+            "drain_timeout_s", "nvm_synchronous",
+        ):
+            if name in meters:
+                base[name] = meters[name]
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def select_segments(network: Network, segments: list[str] | None, shard: tuple[int, int] | None) -> list[str]:
+    """The segments this process serves: explicit, every n-th (shard i/n), or all."""
+    known = network.concentrators
+    if segments:
+        unknown = [c for c in segments if c not in network.segments]
+        if unknown:
+            raise ValueError(f"unknown segments: {', '.join(unknown[:5])}")
+        return list(dict.fromkeys(segments))
+    if shard:
+        i, n = shard
+        if not 1 <= i <= n:
+            raise ValueError("--shard i/n needs 1 <= i <= n")
+        return sorted(known)[i - 1 :: n]
+    return list(known)
+
+
+def default_ident(settings: FleetSettings, segments: list[str], every: int) -> str:
+    if settings.ident:
+        return settings.ident
+    if settings.segments:
+        return "-".join(segments) if len(segments) <= 3 else f"{segments[0]}-{segments[-1]}-{len(segments)}"
+    if settings.shard:
+        return f"shard-{settings.shard[0]}-of-{settings.shard[1]}"
+    return "fleet" if len(segments) == every else f"{len(segments)}-segments"
+
+
+class SimClock:
+    """Meter clock: seconds since the Unix epoch, running ``compression`` times wall speed."""
+
+    __slots__ = ("anchor_wall", "anchor_sim", "compression")
+
+    def __init__(self, anchor_wall: float, anchor_sim: float, compression: float) -> None:
+        self.anchor_wall = anchor_wall
+        self.anchor_sim = anchor_sim
+        self.compression = compression
+
+    def now(self) -> float:
+        return self.anchor_sim + (time.time() - self.anchor_wall) * self.compression
+
+    def wall_delay(self, sim_time: float) -> float:
+        """Wall seconds until the meter clock reads ``sim_time``."""
+        return (sim_time - self.now()) / self.compression
+
+
+# --- per-segment connection -------------------------------------------------------------
+
+
+class Link:
+    """One PLC segment's connection and its outgoing FIFO."""
+
+    __slots__ = ("concentrator", "client", "queue", "wake", "up", "window", "tasks")
+
+    def __init__(self, concentrator: str, client: aiomqtt.Client, window: int) -> None:
+        self.concentrator = concentrator
+        self.client = client
+        self.queue: deque[tuple[int, str, bytes]] = deque()  # (needed batch, topic, payload)
+        self.wake = asyncio.Event()
+        self.up = False
+        self.window = asyncio.Semaphore(window)
+        self.tasks: set[asyncio.Task] = set()
+
+
+# --- the fleet -----------------------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.s = settings
+        self.meters: list[Meter] = []
+        self.index: dict[str, int] = {}
+        self.links: dict[str, Link] = {}
+        self.metrics: Metrics | None = None
+        self.nvm: Nvm | None = None
+        self.clock: SimClock | None = None
+        self.segments: list[str] = []
+        self.ident = ""
+        self._heap: list[tuple[float, int]] = []
+        self._scheduled: list[float] = []
+        self._pending: list[Record] = []
+        self._batch_id = 0  # number of the batch now being filled
+        self._need = -1  # newest batch any queued frame may depend on
+        self._durable = -1  # newest batch committed
+        self._marks_wake = asyncio.Event()
+        self._queued = 0
+        self._inflight = 0
+        self._link_cap = 1000  # frames kept for a segment whose connection is down
+        self._fatal: BaseException | None = None
+        self._rng = random.Random(settings.seed)
+        self._ciphers = CipherCache(settings.cipher_cache)
+
+    # --- set-up ---------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        s = self.s
+        network = load_network(s.data_dir)
+        self.segments = select_segments(network, s.segments, s.shard)
+        self.ident = default_ident(s, self.segments, len(network.concentrators))
+        self.metrics = Metrics("meters", self.ident)
+        wanted = {m: c for c in self.segments for m in network.segments[c]}
+        n = len(wanted)
+        if n == 0:
+            raise ValueError("no meters to run")
+        compression = s.time_compression
+        if s.rate:
+            # Constant rate: each meter pushes once per interval, so the
+            # interval must last n / rate wall seconds.
+            compression = s.rate * s.interval_s / n
+        self.nvm = Nvm(s.data_dir / "meters" / f"{self.ident}.db", synchronous=s.nvm_synchronous)
+        await self.nvm.open(self.segments)
+        states = await self.nvm.load()
+        anchor_wall, anchor_sim = await self.nvm.clock_anchor(compression, s.start)
+        self.clock = SimClock(anchor_wall, anchor_sim, compression)
+        config = MeterConfig(
+            headend_title=network.headend_title,
+            tsp_title=network.tsp_title,
+            interval_s=s.interval_s,
+            history=s.history,
+            boot_retry_s=s.boot_retry_s * compression,
+            ak_grace_s=s.ak_grace_s * compression,
+            counter_block=s.counter_block,
+            ciphers=self._ciphers,
+        )
+        now = self.clock.now()
+        spread = (s.boot_retry_s if s.boot_spread_s is None else s.boot_spread_s) * compression
+        interned = {c: c for c in self.segments}
+        order = {m: i for i, m in enumerate(sorted(wanted))} if s.rate else {}
+        for record in iter_factory_keys(s.data_dir):
+            mid = record["meter"]
+            if mid not in wanted:
+                continue
+            keys = MeterKeys(*(SecretBytes(bytes.fromhex(record[k])) for k in ("ccc", "ak", "cc_lan", "cc_locale")))
+            state = states.get(mid)
+            if state is not None:
+                for key_type, key in state.keys.items():
+                    keys.set(key_type, key)
+            title = network.titles[mid]
+            if s.rate:
+                u = order[mid] / n  # evenly spaced: a constant aggregate rate
+                offset = u * s.interval_s
+            else:
+                u = unit(mix64(seed_for(title) ^ 0x0FF5E7))
+                offset = u * s.jitter * s.interval_s
+            meter = Meter(
+                mid, title, keys, config,
+                concentrator=interned[wanted[mid]],
+                marks=state.marks if state else None,
+                push_offset=offset,
+                boot_at=now + u * spread,
+            )
+            self.index[mid] = len(self.meters)
+            self.meters.append(meter)
+        missing = n - len(self.meters)
+        if missing:
+            raise ValueError(f"{missing} meters of the served segments have no factory keys")
+        self._scheduled = [m.next_due for m in self.meters]
+        self._heap = [(m.next_due, i) for i, m in enumerate(self.meters)]
+        heapq.heapify(self._heap)
+        # Per-connection window, within a process-wide budget of in-flight publishes.
+        window = max(8, min(s.window, s.inflight_budget // len(self.segments)))
+        self._link_cap = max(1000, s.max_queue // (2 * len(self.segments)))
+        for c in self.segments:
+            client = make_client(s.broker, user=f"plc-{c}", data_dir=s.data_dir, max_inflight=window)
+            # aiomqtt logs a warning per publish beyond this many pending calls
+            # (and counts them with an O(pending) scan): we bound them ourselves.
+            client.pending_calls_threshold = window + 16
+            self.links[c] = Link(c, client, window)
+        # 100,000 meters are millions of long-lived objects: keep the cyclic
+        # GC from re-scanning them on every full collection (+50% frames/s).
+        if s.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        log.info("fleet ready", ident=self.ident, meters=n, segments=len(self.segments),
+                 compression=compression, nvm_rows=sum(len(v.marks) + len(v.keys) for v in states.values()))
+
+    # --- output pipe ---------------------------------------------------------------------
+
+    def _collect(self, meter: Meter, out: Output) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        if out.persist:
+            m, c = meter.ident, meter.concentrator
+            self._pending.extend((m, c, item) for item in out.persist)
+            self._need = self._batch_id
+            self._marks_wake.set()
+        if out.uplink or out.local:
+            c, m = meter.concentrator, meter.ident
+            link = self.links[c]
+            need = self._need
+            for frame in out.uplink:
+                link.queue.append((need, topics.plc_up(c, m), frame))
+            for frame in out.local:
+                link.queue.append((need, topics.local_out(c, m), frame))
+            n = len(out.uplink) + len(out.local)
+            self._queued += n
+            metrics.incr("frames_up", n)
+            if not link.up:
+                # A segment without a connection must not stall the others
+                # (the scheduler waits on the total): keep its newest frames.
+                # Dropping is safe: a frame never sent never reuses an IV, and
+                # readings come back by gap-fill.
+                while len(link.queue) > self._link_cap:
+                    link.queue.popleft()
+                    self._queued -= 1
+                    metrics.incr("frames_dropped")
+            link.wake.set()
+        for name in out.counters:
+            metrics.incr(name)
+        for reason in out.rejected:
+            metrics.reject(reason)
+
+    async def _committer(self) -> None:
+        nvm = self.nvm
+        assert nvm is not None and self.metrics is not None
+        while True:
+            await self._marks_wake.wait()
+            self._marks_wake.clear()
+            if not self._pending:
+                continue
+            batch, self._pending = self._pending, []
+            batch_id = self._batch_id
+            self._batch_id += 1
+            await nvm.commit(batch)  # raises: the fleet stops, the frames never leave
+            self._durable = batch_id
+            self.metrics.incr("nvm_commits")
+            for link in self.links.values():
+                if link.queue:
+                    link.wake.set()
+
+    async def _publisher(self, link: Link) -> None:
+        """Publish the segment's FIFO in order, each frame once its marks are durable."""
+        queue, client, qos = link.queue, link.client, self.s.qos
+        while True:
+            if not queue or queue[0][0] > self._durable:
+                link.wake.clear()
+                await link.wake.wait()
+                continue
+            _need, topic, payload = queue.popleft()
+            self._queued -= 1
+            await link.window.acquire()
+            self._inflight += 1
+            task = asyncio.ensure_future(self._publish_one(link, client, topic, payload, qos))
+            link.tasks.add(task)
+            task.add_done_callback(link.tasks.discard)
+
+    async def _publish_one(self, link: Link, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+        assert self.metrics is not None
+        try:
+            await client.publish(topic, payload, qos=qos)
+            self.metrics.incr("frames_sent")
+        except aiomqtt.MqttError:
+            # Lost on a broken connection: readings come back by gap-fill,
+            # boot events are repeated, the head-end retries its requests.
+            self.metrics.incr("publish_failed")
+        finally:
+            self._inflight -= 1
+            link.window.release()
+
+    # --- segment connections -----------------------------------------------------------
+
+    async def _run_link(self, link: Link, connect_gate: asyncio.Semaphore) -> None:
+        backoff = 0.5
+        c = link.concentrator
+        while True:
+            publisher: asyncio.Task | None = None
+            try:
+                async with connect_gate:
+                    await link.client.__aenter__()
+                try:
+                    await link.client.subscribe(topics.plc_down_filter(c), qos=self.s.qos)
+                    await link.client.subscribe(topics.local_in_filter(c), qos=self.s.qos)
+                    link.up = True
+                    backoff = 0.5
+                    publisher = asyncio.create_task(self._publisher(link))
+                    async for message in link.client.messages:
+                        self._on_message(link, message)
+                finally:
+                    link.up = False
+                    if publisher is not None:
+                        publisher.cancel()
+                    with contextlib.suppress(Exception):
+                        # Bounded: a dead socket must not hold up a shutdown.
+                        await asyncio.wait_for(link.client.__aexit__(None, None, None), 5.0)
+            except aiomqtt.MqttError as exc:
+                log.warning("segment connection lost", segment=c, error=str(exc))
+                assert self.metrics is not None
+                self.metrics.incr("reconnects")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _on_message(self, link: Link, message: aiomqtt.Message) -> None:
+        metrics, clock = self.metrics, self.clock
+        assert metrics is not None and clock is not None
+        topic = message.topic.value
+        payload = message.payload
+        local = False
+        parsed = topics.parse_plc_down(topic)
+        if parsed is None:
+            loc = topics.parse_local(topic)
+            if loc is None or loc[2] != "in":
+                metrics.reject("unexpected_topic")
+                return
+            parsed, local = (loc[0], loc[1]), True
+        c, mid = parsed
+        idx = self.index.get(mid)
+        if c != link.concentrator or idx is None or self.meters[idx].concentrator != c:
+            metrics.reject("unknown_meter")
+            return
+        if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_APDU_SIZE:
+            metrics.reject("oversized_frame")
+            return
+        meter = self.meters[idx]
+        now = clock.now()
+        metrics.incr("frames_down")
+        out = meter.on_local(bytes(payload), now) if local else meter.on_downlink(bytes(payload), now)
+        self._collect(meter, out)
+        if meter.next_due <= now:
+            self._collect(meter, meter.tick(now, time.time_ns() if self.s.stamp else None))
+        self._reschedule(idx, meter)
+
+    # --- scheduler --------------------------------------------------------------------
+
+    def _reschedule(self, idx: int, meter: Meter) -> None:
+        due = meter.next_due
+        if due < self._scheduled[idx]:
+            self._scheduled[idx] = due
+            heapq.heappush(self._heap, (due, idx))
+
+    async def _scheduler(self) -> None:
+        clock, heap, meters, scheduled = self.clock, self._heap, self.meters, self._scheduled
+        assert clock is not None
+        s = self.s
+        faults = s.tamper_rate > 0 or s.outage_rate > 0
+        while True:
+            now = clock.now()
+            wall_ns = time.time_ns() if s.stamp else None
+            done = 0
+            while heap and heap[0][0] <= now:
+                due, idx = heapq.heappop(heap)
+                if due != scheduled[idx]:
+                    continue  # superseded by an earlier reschedule
+                meter = meters[idx]
+                out = meter.tick(now, wall_ns)
+                self._collect(meter, out)
+                if faults and "readings_pushed" in out.counters:
+                    self._inject_faults(meter, now)
+                nxt = meter.next_due
+                scheduled[idx] = nxt
+                if nxt != math.inf:
+                    heapq.heappush(heap, (nxt, idx))
+                done += 1
+                if done % 256 == 0:
+                    await asyncio.sleep(0)  # let downlinks and publishers run
+                    while self._queued > s.max_queue:
+                        await asyncio.sleep(0.01)  # back-pressure: pushes get late, not lost
+                    now = clock.now()
+                    wall_ns = time.time_ns() if s.stamp else None
+            # Sleep in ticks of at least 2 ms: sub-millisecond timers make the
+            # event loop spin (libuv rounds them to 0) and burn a whole core.
+            delay = 0.05 if not heap else min(0.05, max(0.002, clock.wall_delay(heap[0][0])))
+            await asyncio.sleep(delay)
+
+    def _inject_faults(self, meter: Meter, now: float) -> None:
+        rng = self._rng
+        if self.s.tamper_rate and rng.random() < self.s.tamper_rate:
+            self._collect(meter, meter.raise_event("tamper", now, "cover_open"))
+        if self.s.outage_rate and rng.random() < self.s.outage_rate:
+            duration = rng.uniform(1.0, 4.0) * self.s.interval_s
+            self._collect(meter, meter.power_fail(now, duration))
+            # next_due moved to the power-up time; the scheduler reads it next.
+
+    # --- monitor ---------------------------------------------------------------------
+
+    def _refresh_gauges(self) -> None:
+        metrics, clock = self.metrics, self.clock
+        assert metrics is not None and clock is not None
+        associated = powered = 0
+        for meter in self.meters:
+            if meter.powered:
+                powered += 1
+                if meter.session is not None:
+                    associated += 1
+        metrics.gauges.update(
+            meters=len(self.meters),
+            meters_powered=powered,
+            meters_associated=associated,
+            segments=len(self.links),
+            segments_up=sum(1 for link in self.links.values() if link.up),
+            queue_depth=self._queued,
+            marks_pending=len(self._pending),
+            publish_inflight=self._inflight,
+            meter_clock=round(clock.now(), 3),
+            time_compression=clock.compression,
+            cipher_cache_hits=self._ciphers.hits,
+            cipher_cache_misses=self._ciphers.misses,
+            nvm_rows=self.nvm.rows if self.nvm else 0,
+        )
+
+    # --- main ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until ``stop`` (SIGTERM): then stop pushing, commit and publish
+        what is pending, publish ``offline`` and return 0 (1 if the NVM failed)."""
+        if not self.meters:
+            await self.setup()
+        s, metrics, nvm = self.s, self.metrics, self.nvm
+        assert metrics is not None and nvm is not None
+        monitor_done = asyncio.Event()
+        monitor = asyncio.create_task(
+            run_monitor(s.broker, "meters", s.data_dir, metrics, s.metrics_interval_s, self._refresh_gauges,
+                        monitor_done)
+        )
+        gate = asyncio.Semaphore(s.connect_concurrency)
+        committer = asyncio.create_task(self._committer())
+        scheduler = asyncio.create_task(self._scheduler())
+        links = [asyncio.create_task(self._run_link(link, gate)) for link in self.links.values()]
+        tasks = [committer, scheduler, *links]
+        try:
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({stopper, committer, scheduler}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception() is not None:
+                    self._fatal = task.exception()
+                    # Frames waiting on the failed batch never leave: no IV reuse.
+                    log.error("fleet failed", error=repr(self._fatal))
+            scheduler.cancel()
+            if self._fatal is None:
+                await self._drain()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=15.0)
+            monitor_done.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(monitor, 10.0)
+            await nvm.close()
+        log.info("fleet stopped", ident=self.ident, **dict(metrics.counters))
+        return 1 if self._fatal is not None else 0
+
+    async def _drain(self) -> None:
+        """Stop pushing; commit what is pending and publish what is queued."""
+        deadline = time.monotonic() + self.s.drain_timeout_s
+        self._marks_wake.set()
+        while time.monotonic() < deadline:
+            sendable = sum(len(link.queue) for link in self.links.values() if link.up)
+            if not self._pending and sendable == 0 and self._inflight == 0:
+                return  # frames of a segment that is down are left behind
+            await asyncio.sleep(0.02)
+        log.warning("drain timed out", queued=self._queued, pending_marks=len(self._pending))
+
+
+async def run_fleet(settings: FleetSettings, stop: asyncio.Event) -> int:
+    fleet = Fleet(settings)
+    await fleet.setup()
+    return await fleet.run(stop)
+
+
+__all__ = ["Fleet", "FleetSettings", "SimClock", "run_fleet", "select_segments"]

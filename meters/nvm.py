@@ -1,0 +1,275 @@
+"""The meters' non-volatile memory: one SQLite file per fleet process.
+
+Holds, per meter, what a real meter keeps in flash: the keys it received by
+key_transfer (the factory file is the initial state; a row here overrides
+it), the high-water marks of its send counters and the lowest acceptable
+values of its receive counters under CC_LAN and CC_LOCALE.  Sessions are
+never stored: a rebooted meter re-associates.
+
+Durability: WAL, ``synchronous=NORMAL`` by default, which survives a crash of
+the fleet process (the simulated meters' "power loss"); pass
+``synchronous="FULL"`` to survive a host crash too.  ``commit`` returns only
+once the transaction is in the database, and the shell publishes no frame
+before the commit covering its counter marks has returned.
+
+sqlite3 connections must stay on the thread that made them: every call runs
+on one dedicated worker thread.
+
+Re-sharding (``--shard 1/2`` today, ``--segments c0001`` tomorrow) must not
+lose marks: each file records which segments it *claims* and when.  On open,
+for every segment we serve, the file with the newest claim is authoritative;
+its rows are copied here, and the claim is removed from the other files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ami.protocol import KeyType, SecretBytes
+
+from .meter import CounterMark, KeyWrite, PersistItem
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segments (concentrator TEXT PRIMARY KEY, claimed_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    meter TEXT NOT NULL, key_type TEXT NOT NULL, key BLOB NOT NULL,
+    concentrator TEXT NOT NULL, written_ns INTEGER NOT NULL,
+    PRIMARY KEY (meter, key_type)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    meter TEXT NOT NULL, slot TEXT NOT NULL, value INTEGER NOT NULL, concentrator TEXT NOT NULL,
+    PRIMARY KEY (meter, slot)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clock (
+    id INTEGER PRIMARY KEY CHECK (id = 0), anchor_wall REAL NOT NULL, anchor_sim REAL NOT NULL,
+    compression REAL NOT NULL);
+"""
+
+#: A persisted item with the meter it belongs to: (meter, concentrator, item).
+Record = tuple[str, str, PersistItem]
+
+
+class MeterState:
+    """What NVM holds for one meter (keys override the factory ones)."""
+
+    __slots__ = ("keys", "marks")
+
+    def __init__(self) -> None:
+        self.keys: dict[KeyType, SecretBytes] = {}
+        self.marks: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<MeterState keys={sorted(self.keys)} marks={self.marks}>"
+
+
+class Nvm:
+    """Async facade over one SQLite file, all I/O on one worker thread."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvm")
+        self._db: sqlite3.Connection | None = None
+        self.commits = 0
+        self.rows = 0
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- open / claim ---------------------------------------------------------
+
+    async def open(self, segments: Sequence[str]) -> None:
+        await self._run(self._open, list(segments))
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _open(self, segments: list[str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        if not self.path.exists():
+            # A file of keys: private from the first byte (WAL/SHM inherit the mode).
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._db = self._connect(self.path)
+        self._claim(segments)
+
+    def _claim(self, segments: list[str]) -> None:
+        db = self._db
+        assert db is not None
+        wanted = set(segments)
+        others = []
+        for other in sorted(self.path.parent.glob("*.db")):
+            if other.resolve() == self.path.resolve():
+                continue
+            odb = self._connect(other)
+            claims = {c: ns for c, ns in odb.execute("SELECT concentrator, claimed_ns FROM segments") if c in wanted}
+            if claims:
+                others.append((odb, claims))
+            else:
+                odb.close()
+        own = dict(db.execute("SELECT concentrator, claimed_ns FROM segments"))
+        now_ns = time.time_ns()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for seg in segments:
+                best_ns, best_db = own.get(seg, -1), None
+                for odb, claims in others:
+                    if claims.get(seg, -1) > best_ns:
+                        best_ns, best_db = claims[seg], odb
+                if best_db is not None:
+                    # Another file holds the newest state of this segment: take it.
+                    db.execute("DELETE FROM keys WHERE concentrator = ?", (seg,))
+                    db.execute("DELETE FROM counters WHERE concentrator = ?", (seg,))
+                    db.executemany(
+                        "INSERT INTO keys VALUES (?, ?, ?, ?, ?)",
+                        best_db.execute("SELECT meter, key_type, key, concentrator, written_ns FROM keys "
+                                        "WHERE concentrator = ?", (seg,)).fetchall(),
+                    )
+                    db.executemany(
+                        "INSERT INTO counters VALUES (?, ?, ?, ?)",
+                        best_db.execute("SELECT meter, slot, value, concentrator FROM counters "
+                                        "WHERE concentrator = ?", (seg,)).fetchall(),
+                    )
+                    self._copy_clock(best_db)
+                db.execute("INSERT INTO segments VALUES (?, ?) ON CONFLICT(concentrator) "
+                           "DO UPDATE SET claimed_ns = excluded.claimed_ns", (seg, now_ns))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        # Only now that our copy is durable, drop the claims (and rows) elsewhere.
+        for odb, claims in others:
+            with odb:
+                odb.execute("BEGIN IMMEDIATE")
+                for seg in claims:
+                    odb.execute("DELETE FROM keys WHERE concentrator = ?", (seg,))
+                    odb.execute("DELETE FROM counters WHERE concentrator = ?", (seg,))
+                    odb.execute("DELETE FROM segments WHERE concentrator = ?", (seg,))
+            odb.close()
+
+    def _copy_clock(self, other: sqlite3.Connection) -> None:
+        """Keep the meters' clock from going back when their segment moves here."""
+        row = other.execute("SELECT anchor_wall, anchor_sim, compression FROM clock").fetchone()
+        if row is None:
+            return
+        theirs = row[1] + (time.time() - row[0]) * row[2]
+        mine = self._clock_now()
+        if mine is None or theirs > mine:
+            self._db.execute(  # type: ignore[union-attr]
+                "INSERT INTO clock VALUES (0, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "anchor_wall = excluded.anchor_wall, anchor_sim = excluded.anchor_sim, "
+                "compression = excluded.compression",
+                (time.time(), theirs, row[2]),
+            )
+
+    def _clock_now(self) -> float | None:
+        row = self._db.execute("SELECT anchor_wall, anchor_sim, compression FROM clock").fetchone()  # type: ignore[union-attr]
+        return None if row is None else row[1] + (time.time() - row[0]) * row[2]
+
+    # --- clock -------------------------------------------------------------------
+
+    async def clock_anchor(self, compression: float, start: float | None = None) -> tuple[float, float]:
+        """(anchor_wall, anchor_sim) of the simulated clock, persisted so that
+        meter time never goes back across restarts (which would replay seqs).
+
+        A fresh file starts the meter clock at ``start`` (default: wall time
+        now).  A changed compression re-anchors at the current meter time."""
+        return await self._run(self._clock_anchor, compression, start)
+
+    def _clock_anchor(self, compression: float, start: float | None) -> tuple[float, float]:
+        db = self._db
+        assert db is not None
+        row = db.execute("SELECT anchor_wall, anchor_sim, compression FROM clock").fetchone()
+        wall = time.time()
+        if row is not None and row[2] == compression and start is None:
+            return row[0], row[1]
+        if start is not None:
+            sim = start
+        elif row is not None:
+            sim = row[1] + (wall - row[0]) * row[2]
+        else:
+            sim = wall
+        with db:
+            db.execute(
+                "INSERT INTO clock VALUES (0, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "anchor_wall = excluded.anchor_wall, anchor_sim = excluded.anchor_sim, "
+                "compression = excluded.compression",
+                (wall, sim, compression),
+            )
+        return wall, sim
+
+    # --- load / commit -------------------------------------------------------------
+
+    async def load(self) -> dict[str, MeterState]:
+        return await self._run(self._load)
+
+    def _load(self) -> dict[str, MeterState]:
+        db = self._db
+        assert db is not None
+        states: dict[str, MeterState] = {}
+        for meter, key_type, key in db.execute("SELECT meter, key_type, key FROM keys"):
+            states.setdefault(meter, MeterState()).keys[KeyType(key_type)] = SecretBytes(key)
+        for meter, slot, value in db.execute("SELECT meter, slot, value FROM counters"):
+            states.setdefault(meter, MeterState()).marks[slot] = value
+        return states
+
+    async def commit(self, records: Iterable[Record]) -> None:
+        """Write records in one transaction; returns once it is committed.
+
+        Records apply in order, so "new key, counter reset to 0, new mark"
+        sequences come out right: per (meter, slot) the last value wins.
+        """
+        counters: dict[tuple[str, str], tuple[str, str, int, str]] = {}
+        keys: dict[tuple[str, str], tuple[str, str, bytes, str, int]] = {}
+        now_ns = time.time_ns()
+        for meter, concentrator, item in records:
+            if isinstance(item, CounterMark):
+                counters[(meter, item.slot)] = (meter, item.slot, item.value, concentrator)
+            elif isinstance(item, KeyWrite):
+                keys[(meter, item.key_type.value)] = (meter, item.key_type.value, bytes(item.key), concentrator, now_ns)
+            else:  # pragma: no cover - a programming error, never silently dropped
+                raise TypeError(f"cannot persist {type(item).__name__}")
+        if counters or keys:
+            await self._run(self._commit, list(counters.values()), list(keys.values()))
+
+    def _commit(self, counters: list[tuple], keys: list[tuple]) -> None:
+        db = self._db
+        assert db is not None
+        with db:  # BEGIN ... COMMIT (or ROLLBACK and raise)
+            db.execute("BEGIN")
+            if keys:
+                db.executemany(
+                    "INSERT INTO keys VALUES (?, ?, ?, ?, ?) ON CONFLICT(meter, key_type) DO UPDATE SET "
+                    "key = excluded.key, written_ns = excluded.written_ns",
+                    keys,
+                )
+            if counters:
+                db.executemany(
+                    "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT(meter, slot) DO UPDATE SET "
+                    "value = excluded.value",
+                    counters,
+                )
+        self.commits += 1
+        self.rows += len(counters) + len(keys)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
