@@ -95,6 +95,10 @@ class Network:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.bus_security = bus_security
         self.procs: dict[str, subprocess.Popen] = {}
+        # Monitor ids unique to this run: a shared broker may hold retained
+        # status/metrics of other networks under the default ids.
+        run = uuid.uuid4().hex[:8]
+        self.ids = {"headend": f"headend-{run}", "meters": f"fleet-{run}", "concentrator": f"relays-{run}"}
         self.logs: dict[str, Path] = {}
         self.port = 0
 
@@ -115,8 +119,9 @@ class Network:
         log = self.tmp / f"{name}.log"
         self.logs[name] = log
         fh = open(log, "ab")
+        ident = ["--id", self.ids[args[0]]] if args[0] in self.ids else []
         proc = subprocess.Popen(
-            AMI + [args[0], "--broker", self.broker, "--data", str(self.data), *args[1:]],
+            AMI + [args[0], "--broker", self.broker, "--data", str(self.data), *ident, *args[1:]],
             cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
         )
         self.procs[name] = proc
@@ -161,6 +166,10 @@ class Network:
 
     def log_text(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+    def topic(self, component: str, kind: str) -> str:
+        """This run's monitor topic of a component: kind is 'status' or 'metrics'."""
+        return f"ami/v1/monitor/{component}/{self.ids[component]}/{kind}"
 
     def credentials(self) -> dict[str, str]:
         path = self.data / "bus" / "credentials.json"

@@ -38,30 +38,18 @@ ENV = {
 }
 
 
-def _metrics(collector: Collector, component: str) -> list[dict]:
-    with collector.lock:
-        return [
-            json.loads(p)
-            for t, p, _ in collector.messages
-            if t.startswith(f"ami/v1/monitor/{component}/") and t.endswith("/metrics") and p
-        ]
+def _latest(net: Network, collector: Collector, component: str) -> dict:
+    return collector.json(net.topic(component, "metrics")) or {}
 
 
-def _online(collector: Collector, component: str) -> bool:
-    with collector.lock:
-        return any(
-            p == b"online" for t, p, _r in collector.messages if t.startswith(f"ami/v1/monitor/{component}/")
-            and t.endswith("/status")
-        )
-
-
-def _latest(collector: Collector, component: str) -> dict:
-    found = _metrics(collector, component)
-    return found[-1] if found else {}
+def _online(net: Network, collector: Collector, component: str) -> bool:
+    return collector.latest.get(net.topic(component, "status")) == b"online"
 
 
 def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
     net = Network(tmp_path, meters=200, concentrators=4, broker=broker, env=ENV, bus_security=bus_security)
+
+
     net.provision()
     net.start_broker()
     creds = net.credentials()
@@ -78,11 +66,11 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
         net.start("concentrator", "concentrator")
         # Meters last, once the relays listen: a frame published before its
         # relay subscribed is gone (MQTT keeps nothing for absent subscribers).
-        wait_until(lambda: _online(monitor, "concentrator"), 30, what="relays online")
+        wait_until(lambda: _online(net, monitor, "concentrator"), 30, what="relays online")
         net.start("meters", "meters")
-        wait_until(lambda: _latest(monitor, "headend").get("counters", {}).get("associations", 0) >= 200,
+        wait_until(lambda: _latest(net, monitor, "headend").get("counters", {}).get("associations", 0) >= 200,
                    60, what="200 associations")
-        wait_until(lambda: _latest(monitor, "headend").get("counters", {}).get("session_renewals", 0) >= 1,
+        wait_until(lambda: _latest(net, monitor, "headend").get("counters", {}).get("session_renewals", 0) >= 1,
                    60, what="a session renewal")
         rotate = subprocess.run(
             AMI + ["keys", "rotate", "--broker", net.broker, "--data", str(net.data), "--all", "--key", "cc_lan",
@@ -93,8 +81,8 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
         done = json.loads(rotate.stdout.strip().splitlines()[-1])
         assert done["done"] and done["total"] == 200 and done["failed"] == 0
         # Let renewals happen under the new CC_LAN too, then stop.
-        renewals = _latest(monitor, "headend")["counters"]["session_renewals"]
-        wait_until(lambda: _latest(monitor, "headend")["counters"].get("session_renewals", 0) > renewals + 20,
+        renewals = _latest(net, monitor, "headend")["counters"]["session_renewals"]
+        wait_until(lambda: _latest(net, monitor, "headend")["counters"].get("session_renewals", 0) > renewals + 20,
                    60, what="renewals under the new CC_LAN")
 
         codes = {name: net.stop(name) for name in ("meters", "concentrator", "headend")}
@@ -113,24 +101,22 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
             assert seqs == list(range(seqs[0], seqs[-1] + 1)), f"{meter} has holes"
 
         # Zero rejections anywhere, and the key work really happened.
-        head = _latest(monitor, "headend")
+        head = _latest(net, monitor, "headend")
         assert sum(head["rejected"].values()) == 0, head["rejected"]
         assert head["counters"]["associations"] >= 200
         assert head["counters"]["session_renewals"] >= 1
         assert head["counters"]["reprogrammed_cc_lan"] == 200
         for component in ("meters", "concentrator"):
-            snap = _latest(monitor, component)
+            snap = _latest(net, monitor, component)
             assert snap, f"no metrics from {component}"
             assert sum(snap.get("rejected", {}).values()) == 0, (component, snap["rejected"])
         events = [e for e in monitor.events() if e.get("kind") == "rejected"]
         assert events == []
 
         # Monitor topics: retained status (online, then offline at exit) and metrics.
-        statuses = {t: p for t, p, _ in monitor.messages if t.endswith("/status")}
         for component in ("headend", "meters", "concentrator"):
-            mine = {t: p for t, p in statuses.items() if f"/monitor/{component}/" in t}
-            assert mine and all(p == b"offline" for p in mine.values()), (component, mine)
-        assert any(p == b"online" for t, p, _ in monitor.messages if t.endswith("/status"))
+            seen = [p for t, p, _ in monitor.messages if t == net.topic(component, "status")]
+            assert b"online" in seen and seen[-1] == b"offline", (component, seen)
 
         # Relay byte-identity: every PLC uplink frame of c0001 appears unchanged on the WAN.
         with plc.lock:

@@ -42,8 +42,11 @@ ENV = {
 SERVICES = {"headend": ("headend",), "concentrator": ("concentrator",), "meters": ("meters",)}
 
 
+NET: Network | None = None
+
+
 def _headend(monitor: Collector) -> dict:
-    return monitor.json("ami/v1/monitor/headend/headend/metrics") or {}
+    return monitor.json(NET.topic("headend", "metrics")) or {}
 
 
 def _stored(monitor: Collector) -> int:
@@ -59,7 +62,8 @@ def _restart(net: Network, name: str) -> None:
 
 
 def test_kill_each_process_under_load(tmp_path):
-    net = Network(tmp_path, meters=60, concentrators=3, env=ENV, bus_security=False)
+    global NET
+    net = NET = Network(tmp_path, meters=60, concentrators=3, env=ENV, bus_security=False)
     net.provision()
     net.start_broker()
     capture = Collector("127.0.0.1", net.port, topics=("ami/v1/plc/+/up/+", "ami/v1/plc/+/down/+"))
@@ -68,7 +72,7 @@ def test_kill_each_process_under_load(tmp_path):
         for name in SERVICES:
             net.start(name, *SERVICES[name])
             if name == "concentrator":
-                wait_until(lambda: monitor.latest.get("ami/v1/monitor/concentrator/relays/status") == b"online",
+                wait_until(lambda: monitor.latest.get(net.topic("concentrator", "status")) == b"online",
                            30, what="relays online")
         wait_until(lambda: _headend(monitor).get("counters", {}).get("associations", 0) >= 60, 60,
                    what="60 associations")
