@@ -14,18 +14,24 @@ and ``publish_event`` drops any bytes value defensively.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import psutil
 
+from .bus import make_client
+from .logs import get_logger
 from .protocol import topics
 from .protocol.errors import ALL_REASONS
+
+log = get_logger("monitor")
 
 
 class Metrics:
@@ -77,18 +83,49 @@ async def publish_status(client: aiomqtt.Client, metrics: Metrics, status: str) 
     await client.publish(topics.monitor_status(metrics.component, metrics.ident), status.encode(), qos=1, retain=True)
 
 
-async def publish_metrics_forever(
-    client: aiomqtt.Client,
+async def run_monitor(
+    broker: str,
+    user: str,
+    data_dir: Path | None,
     metrics: Metrics,
     interval: float,
-    refresh: Callable[[], None] | None = None,
+    refresh: Callable[[], None],
+    done: asyncio.Event,
 ) -> None:
-    topic = topics.monitor_metrics(metrics.component, metrics.ident)
+    """A process-level monitor connection: retained status and metrics.
+
+    Publishes ``online`` and a metrics snapshot every ``interval`` until
+    ``done`` is set, then a final snapshot and ``offline`` (the Last Will says
+    ``offline`` if the process dies first).  Survives broker restarts:
+    reconnects and announces itself again; never raises on a lost broker.
+    """
+    status = topics.monitor_status(metrics.component, metrics.ident)
+    metrics_topic = topics.monitor_metrics(metrics.component, metrics.ident)
+    backoff = 0.5
     while True:
-        if refresh is not None:
-            refresh()
-        await client.publish(topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
-        await asyncio.sleep(interval)
+        client = make_client(broker, user=user, data_dir=data_dir, status_topic=status)
+        try:
+            async with client:
+                await publish_status(client, metrics, "online")
+                backoff = 0.5
+                while not done.is_set():
+                    refresh()
+                    await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(done.wait(), interval)
+                refresh()
+                await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=1, retain=True)
+                await publish_status(client, metrics, "offline")
+                return
+        except aiomqtt.MqttError as exc:
+            if done.is_set():
+                log.warning("could not publish the final status", error=str(exc))
+                return
+            log.warning("monitor connection lost", error=str(exc))
+            metrics.incr("monitor_reconnects")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(done.wait(), backoff)
+            backoff = min(backoff * 2, 10.0)
 
 
 def event_payload(kind: str, **fields: Any) -> bytes:

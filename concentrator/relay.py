@@ -37,7 +37,7 @@ from ami.protocol.frames import MAX_APDU_SIZE  # the frame codec needs no crypto
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
 from ami.provision import load_network
 
-from .monitoring import run_monitor
+from ami.monitor import run_monitor
 
 log = get_logger("concentrator")
 

@@ -41,7 +41,7 @@ from ami.provision import Network, iter_factory_keys, load_network
 
 from .loadcurve import mix64, seed_for, unit
 from .meter import CipherCache, Meter, MeterConfig, MeterKeys, Output
-from .monitoring import run_monitor
+from ami.monitor import run_monitor
 from .nvm import Nvm, Record
 
 log = get_logger("meters.fleet")
