@@ -417,6 +417,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     parser.add_argument(
         "--plain", action="store_true", help="a summary line every --every seconds (the default when stdout is no TTY)"
     )
+    parser.add_argument("--wait", type=float, default=15.0, help="seconds to wait for the broker to listen")
     parser.add_argument("--json", action="store_true", help="print each summary as a JSON line (implies --plain)")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between plain/JSON lines (default 5)")
     parser.add_argument("--duration", type=float, default=None, help="exit after this many seconds")
@@ -430,9 +431,14 @@ def _emit(model: MonitorModel, as_json: bool) -> None:
 async def _run(args: argparse.Namespace, plain: bool) -> int:
     import aiomqtt
 
-    from .bus import make_client
+    from .bus import make_client, wait_for_broker
     from .protocol import topics
 
+    # Started beside the broker (Procfile): give it a moment to listen.
+    try:
+        await wait_for_broker(args.broker, timeout=args.wait)
+    except OSError:
+        pass  # reported below by the connection attempt itself
     model = MonitorModel()
     loop = asyncio.get_running_loop()
     deadline = None if args.duration is None else loop.time() + args.duration

@@ -341,10 +341,12 @@ class RelayProcess:
         finally:
             for task in tasks:
                 task.cancel()
+            # Bounded: honcho kills a process 5 s after SIGTERM, and a broker
+            # that stopped first must not hold us up.
             if tasks:
-                await asyncio.wait(tasks, timeout=15.0)
+                await asyncio.wait(tasks, timeout=2.0)
             monitor_done.set()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(monitor, 10.0)
+                await asyncio.wait_for(monitor, 1.5)
         log.info("relays stopped", ident=self.ident, **dict(self.metrics.counters))
         return 0

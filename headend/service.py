@@ -127,12 +127,18 @@ class HeadEndService:
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()
-            await self._round(client, time.time())  # flush what is left
-            await client.publish(
-                topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
-                qos=1, retain=True,
-            )
-            await publish_status(client, self.metrics, "offline")
+            try:
+                # Bounded: honcho kills 5 s after SIGTERM, and the broker may
+                # already be gone.  The commit inside _round comes first anyway.
+                async with asyncio.timeout(2.0):
+                    await self._round(client, time.time())  # flush what is left
+                    await client.publish(
+                        topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
+                        qos=1, retain=True,
+                    )
+                    await publish_status(client, self.metrics, "offline")
+            except (TimeoutError, aiomqtt.MqttError) as exc:
+                log.warning("final publish incomplete", error=str(exc) or type(exc).__name__)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

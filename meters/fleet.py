@@ -77,7 +77,7 @@ class FleetSettings:
     max_queue: int = 200_000  # frames queued before the scheduler waits
     cipher_cache: int = 4096
     connect_concurrency: int = 64
-    drain_timeout_s: float = 10.0
+    drain_timeout_s: float = 2.5  # honcho kills 5 s after SIGTERM: all of shutdown fits in that
     nvm_synchronous: str = "NORMAL"
     start: float | None = None  # meter-clock start for a fresh NVM (default: now)
     gc_freeze: bool = True  # move the meters out of the cyclic GC's reach after set-up
@@ -535,10 +535,10 @@ class Fleet:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.wait(tasks, timeout=15.0)
+            await asyncio.wait(tasks, timeout=1.0)
             monitor_done.set()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(monitor, 10.0)
+                await asyncio.wait_for(monitor, 1.0)
             await nvm.close()
         log.info("fleet stopped", ident=self.ident, **dict(metrics.counters))
         return 1 if self._fatal is not None else 0
