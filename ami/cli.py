@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "read": ("ami.operator_read", "on-demand read of a meter through the head-end"),
     "tsp": ("ami.tsp", "local handheld session with one meter over CC_LOCALE"),
     "loadtest": ("ami.loadtest.cli", "measure the whole pipeline under load"),
+    "attack": ("ami.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
 }
 
 
