@@ -80,12 +80,8 @@ async def load_local_keys(data_dir: Path, config: dict, meter: str) -> tuple[int
     store = open_store(hcfg.get("store", "sqlite:headend.db"), vault, data_dir)
     await store.open()
     try:
-        rows = await store.query(
-            "SELECT version FROM keys WHERE meter = ? AND key_type = 'cc_locale' AND state = 'active'", (meter,)
-        )
-        if not rows:
-            raise KeyError(f"no active CC_LOCALE for {meter}")
-        return rows[0][0], await store.active_key(meter, KeyType.CC_LOCALE), await store.active_key(meter, KeyType.AK)
+        version = await store.active_version(meter, KeyType.CC_LOCALE)
+        return version, await store.active_key(meter, KeyType.CC_LOCALE), await store.active_key(meter, KeyType.AK)
     finally:
         await store.close()
         vault.close()

@@ -396,6 +396,15 @@ class PostgresStore:
         rows = await self._require_pool().fetch(sql, *params)
         return [tuple(r) for r in rows]
 
+    async def active_version(self, meter: str, key_type: KeyType) -> int:
+        rows = await self.query(
+            "SELECT max(version) FROM keys WHERE meter = $1 AND key_type = $2 AND state = 'active'",
+            (meter, key_type.value),
+        )
+        if not rows or rows[0][0] is None:
+            raise KeyError(f"no active {key_type.value} for {meter}")
+        return int(rows[0][0])
+
     async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
         rows = await self.query(
             "SELECT wrapped FROM keys WHERE meter = $1 AND key_type = $2 AND state = 'active' ORDER BY version",

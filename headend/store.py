@@ -249,6 +249,15 @@ class SqliteStore:
     async def query(self, sql: str, params: tuple = ()) -> list[tuple[Any, ...]]:
         return await self._thread.run(lambda: list(self._db.execute(sql, params)))
 
+    async def active_version(self, meter: str, key_type: KeyType) -> int:
+        rows = await self.query(
+            "SELECT max(version) FROM keys WHERE meter = ? AND key_type = ? AND state = 'active'",
+            (meter, key_type.value),
+        )
+        if not rows or rows[0][0] is None:
+            raise KeyError(f"no active {key_type.value} for {meter}")
+        return int(rows[0][0])
+
     async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
         rows = await self.query(
             "SELECT wrapped FROM keys WHERE meter = ? AND key_type = ? AND state = 'active' ORDER BY version DESC",
