@@ -29,6 +29,7 @@ from typing import Any
 import aiomqtt
 
 from ami.bus import make_client
+from ami.sharding import select
 from ami.logs import get_logger
 from ami.monitor import Metrics
 from ami.protocol import topics
@@ -264,27 +265,13 @@ class Relay:
         return not self.batch and not self.outq and self.inflight == 0
 
 
-def select_concentrators(known: list[str], chosen: list[str] | None, shard: tuple[int, int] | None) -> list[str]:
-    if chosen:
-        unknown = [c for c in chosen if c not in known]
-        if unknown:
-            raise ValueError(f"unknown concentrators: {', '.join(unknown[:5])}")
-        return list(dict.fromkeys(chosen))
-    if shard:
-        i, n = shard
-        if not 1 <= i <= n:
-            raise ValueError("--shard i/n needs 1 <= i <= n")
-        return sorted(known)[i - 1 :: n]
-    return list(known)
-
-
 class RelayProcess:
     """Every relay of this process plus the process-level monitor connection."""
 
     def __init__(self, settings: RelaySettings) -> None:
         self.s = settings
         network = load_network(settings.data_dir)
-        chosen = select_concentrators(network.concentrators, settings.concentrators, settings.shard)
+        chosen = select(network.concentrators, settings.concentrators, settings.shard)
         if settings.ident:
             self.ident = settings.ident
         elif settings.concentrators:

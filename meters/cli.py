@@ -9,23 +9,9 @@ from ami.bus import wait_for_broker
 from ami.cli import add_common_arguments
 from ami.logs import configure_logging, get_logger
 from ami.runner import run_service
+from ami.sharding import parse_list, parse_shard
 
 from .fleet import FleetSettings, run_fleet
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``i/n`` (1-based): serve every n-th segment starting with the i-th."""
-    try:
-        i, n = (int(x) for x in text.split("/", 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError("--shard takes i/n, e.g. 1/4") from None
-    if not 1 <= i <= n:
-        raise argparse.ArgumentTypeError("--shard i/n needs 1 <= i <= n")
-    return i, n
-
-
-def parse_list(text: str) -> list[str]:
-    return [x for x in (p.strip() for p in text.split(",")) if x]
 
 
 def _rate(text: str) -> float:

@@ -34,6 +34,7 @@ from typing import Any
 import aiomqtt
 
 from ami.bus import make_client
+from ami.sharding import select
 from ami.logs import get_logger
 from ami.monitor import Metrics
 from ami.protocol import MAX_APDU_SIZE, SecretBytes, topics
@@ -106,18 +107,7 @@ class FleetSettings:
 
 def select_segments(network: Network, segments: list[str] | None, shard: tuple[int, int] | None) -> list[str]:
     """The segments this process serves: explicit, every n-th (shard i/n), or all."""
-    known = network.concentrators
-    if segments:
-        unknown = [c for c in segments if c not in network.segments]
-        if unknown:
-            raise ValueError(f"unknown segments: {', '.join(unknown[:5])}")
-        return list(dict.fromkeys(segments))
-    if shard:
-        i, n = shard
-        if not 1 <= i <= n:
-            raise ValueError("--shard i/n needs 1 <= i <= n")
-        return sorted(known)[i - 1 :: n]
-    return list(known)
+    return select(network.concentrators, segments, shard)
 
 
 def default_ident(settings: FleetSettings, segments: list[str], every: int) -> str:
