@@ -397,6 +397,7 @@ class HeadEndEngine:
 
     def _open_session(self, m: MeterState, apdu: CipheredApdu, now: float) -> tuple[Session, bytes]:
         if m.previous is not None and m.previous.expires is not None and now > m.previous.expires:
+            m.expired_session_key = m.previous.key
             m.previous = None
         candidates = [s for s in (m.session, m.previous) if s is not None]
         replay = False
@@ -430,6 +431,8 @@ class HeadEndEngine:
                 m.session.opener.counter = probe.counter
                 return m.session, plaintext
         if not candidates:
+            if self._verifies_under_expired_session(m, apdu):
+                raise ExpiredKey("frame under a session that has ended")
             # We hold no session (forgot it, or the meter never associated):
             # associate, and reject this frame; gap-fill recovers its reading.
             self._associate(m, now, "no_session")
@@ -454,7 +457,29 @@ class HeadEndEngine:
             # moment): a fresh association puts both sides on one key again.
             m.auth_failures = 0
             self._associate(m, now, "auth_failures")
+        if self._verifies_under_expired_session(m, apdu):
+            raise ExpiredKey("frame under a session that has ended")
         raise AuthenticationFailed("no session key of this meter verifies the frame")
+
+    def _verifies_under_expired_session(self, m: MeterState, apdu: CipheredApdu) -> bool:
+        """Only to name a rejection: does the frame verify under the session
+        that ended last?  (A frame delayed past the grace period, or a meter
+        out of step.)  Never accepted, never moves a counter."""
+        if m.expired_session_key is None:
+            return False
+        return self._verifies(m, m.expired_session_key, apdu)
+
+    def _verifies(self, m: MeterState, key: bytes, apdu: CipheredApdu) -> bool:
+        aks = [gk.key for gk in m.keys[KeyType.AK].values()]
+        if KeyType.AK in m.expired_keys:
+            aks.append(m.expired_keys[KeyType.AK].key)
+        for ak in aks:
+            try:
+                open_apdu(Suite0Cipher(key, ak), apdu, m.title)
+            except AuthenticationFailed:
+                continue
+            return True
+        return False
 
     def _on_global_frame(self, m: MeterState, apdu: CipheredApdu, now: float) -> None:
         """A DB frame under CC_LAN: the meter's boot (or push) events."""
@@ -468,17 +493,24 @@ class HeadEndEngine:
     def _open_global(self, m: MeterState, key_type: KeyType, apdu: CipheredApdu, now: float) -> bytes:
         slot = m.slots[key_type]
         ak_slot = m.slots[KeyType.AK]
+        aks = [(v, m.keys[KeyType.AK][v].key) for v in (ak_slot.active, ak_slot.new) if v is not None]
         replay = False
         for version in [v for v in (slot.active, slot.new) if v is not None]:
             gk = m.keys[key_type][version]
-            for ak_version in [v for v in (ak_slot.active, ak_slot.new) if v is not None]:
-                ak = m.keys[KeyType.AK][ak_version].key
-                opener = Opener(Suite0Cipher(gk.key, ak), m.title, gk.rx)
-                try:
-                    plaintext = opener.open(apdu)
-                except ReplayedFrame:
+            below = apdu.invocation_counter < gk.rx.lowest_acceptable
+            for ak_version, ak in aks:
+                cipher = Suite0Cipher(gk.key, ak)
+                if below:
+                    # A replay only if it verifies under this key (a frame
+                    # under the other version starts again at IC 0).
+                    try:
+                        open_apdu(cipher, apdu, m.title)
+                    except AuthenticationFailed:
+                        continue
                     replay = True
                     break
+                try:
+                    plaintext = Opener(cipher, m.title, gk.rx).open(apdu)
                 except AuthenticationFailed:
                     continue
                 self._dirty_keys.add((m.meter, key_type, version))
@@ -489,6 +521,11 @@ class HeadEndEngine:
                 return plaintext
         if replay:
             raise ReplayedFrame("invocation counter not above the last accepted")
+        expired = m.expired_keys.get(key_type)
+        if expired is not None and self._verifies(m, expired.key, apdu):
+            # The meter (or whoever holds the old key) still uses a key we
+            # expired: worth telling apart from a forgery.
+            raise ExpiredKey(f"frame under an expired {key_type.value} key")
         raise AuthenticationFailed("no global key of this meter verifies the frame")
 
     def _on_event(self, m: MeterState, ev: Event, now: float) -> None:
@@ -603,7 +640,15 @@ class HeadEndEngine:
     def _on_aare(self, m: MeterState, aare, now: float) -> None:
         pa = m.association
         if pa is None:
-            # A late answer to an attempt we already replaced: not an attack.
+            # A late answer to an attempt we already replaced (or completed):
+            # harmless if genuine, so verify it before calling it stale; a
+            # replayed or forged AARE is rejected like any other frame.  An
+            # unciphered refusal cannot be verified and changes nothing.
+            if aare.accepted and aare.initiate_apdu is not None:
+                apdu = parse_apdu(aare.initiate_apdu)
+                if apdu.tag != GLO_INITIATE_RESPONSE:
+                    raise MalformedFrame("AARE does not carry a glo-initiateResponse")
+                decode_initiate_response(self._open_global(m, KeyType.CC_LAN, apdu, now))
             self.counters["stale_aare"] += 1
             return
         if not aare.accepted or aare.initiate_apdu is None:
@@ -613,12 +658,7 @@ class HeadEndEngine:
         apdu = parse_apdu(aare.initiate_apdu)
         if apdu.tag != GLO_INITIATE_RESPONSE:
             raise MalformedFrame("AARE does not carry a glo-initiateResponse")
-        gk = m.keys[KeyType.CC_LAN].get(pa.version)
-        if gk is None:
-            # The CC_LAN version this AARQ went under was activated away or
-            # withdrawn since: go on with the versions left.
-            self._next_association_attempt(m, now, "key_changed")
-            raise ExpiredKey("AARE under a CC_LAN version no longer held")
+        gk = m.keys[KeyType.CC_LAN][pa.version]
         # The meter seals its AARE under its current AK: a NEW AK whose
         # transfer ack was lost is tried too, and activated if it verifies
         # (as for DB and DC frames); else the association could never finish.
@@ -651,6 +691,8 @@ class HeadEndEngine:
         old = m.session
         if old is not None:
             old.expires = now + self.policy.previous_session_grace_s
+            if m.previous is not None:
+                m.expired_session_key = m.previous.key
             m.previous = old
         m.session = Session.build(
             pa.serial,
@@ -679,13 +721,7 @@ class HeadEndEngine:
 
     def _next_association_attempt(self, m: MeterState, now: float, why: str) -> None:
         pa = m.association
-        order = m.slots[KeyType.CC_LAN].try_order()
-        if order != pa.order:
-            # A CC_LAN version was activated or withdrawn while this
-            # association was pending: the old order may name a version we
-            # no longer hold.  Start again from what the slot holds now.
-            pa.order, pa.index = order, 0
-        elif pa.index + 1 < len(pa.order):
+        if pa.index + 1 < len(pa.order):
             pa.index += 1
         else:
             pa.index = 0
@@ -701,6 +737,7 @@ class HeadEndEngine:
 
     def _drop_session(self, m: MeterState) -> None:
         if m.session is not None or m.previous is not None:
+            m.expired_session_key = (m.session or m.previous).key
             m.session = None
             m.previous = None
             self._deleted_sessions.add(m.meter)
@@ -804,6 +841,7 @@ class HeadEndEngine:
 
     def _expire(self, m: MeterState, key_type: KeyType, gk: GlobalKey) -> None:
         gk.state = KeyState.EXPIRED
+        m.expired_keys[key_type] = gk
         self._dirty_keys.discard((m.meter, key_type, gk.version))
         self._expired_rows.append(
             KeyRow(m.meter, key_type, gk.version, KeyState.EXPIRED, gk.created, gk.tx.reserved_until,

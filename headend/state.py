@@ -104,6 +104,11 @@ class MeterState:
     gaps: dict[int, float] = field(default_factory=dict)  # seq -> when to ask (again)
     auth_failures: int = 0
     reads: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> (command id, reply topic)
+    # The last retired session key and expired global key of each type, kept
+    # (in memory only, bytes not ciphers) to tell a late or stolen-key frame
+    # (``expired_key``) from a forgery (``auth_failed``).  Never used to accept.
+    expired_session_key: SecretBytes | None = None
+    expired_keys: dict[KeyType, GlobalKey] = field(default_factory=dict)
 
     def key(self, key_type: KeyType, version: int | None = None) -> GlobalKey:
         slot = self.slots[key_type]

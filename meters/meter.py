@@ -53,6 +53,7 @@ from ami.protocol import (
     ProtocolError,
     ReadReply,
     ReadRequest,
+    ReplayedFrame,
     ReceiveCounter,
     Release,
     SecretBytes,
@@ -481,7 +482,14 @@ class Meter:
             apdu = parse_apdu(aarq.initiate_apdu)
             if apdu.tag != GLO_INITIATE_REQUEST:
                 raise MalformedFrame("AARQ user information is not a glo-initiateRequest")
-            recv.check(apdu.invocation_counter)
+            try:
+                recv.check(apdu.invocation_counter)
+            except ReplayedFrame:
+                # A replay only if it verifies under our key: an AARQ under a
+                # key we never took (the head-end probing a NEW CC_LAN) starts
+                # its counter at 0 and must be reported as auth_failed.
+                self._open_with_grace(global_key, apdu, peer, now)
+                raise
             plaintext = self._open_with_grace(global_key, apdu, peer, now)
             # Authentic: move the counter (and persist it before the AARE
             # leaves) even if the content turns out unusable, so the frame
