@@ -1,0 +1,162 @@
+"""``ami loadtest``: run the whole pipeline (fleet -> relays -> head-end) under a
+constant-rate load and measure it (docs/benchmarks.md, "Load tests").
+
+    ami loadtest --meters 10000 --concentrators 20 --rate 5000 --duration 30 --baseline \\
+                 --report out.json --csv out.csv --plot out.png --min-fps 4500 --max-p99-ms 250 --max-loss 0
+
+Exit status: 0 when every threshold set holds, 1 when one is missed, 2 when
+the run itself failed (a service died, a start-up timed out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    if "=" not in text or not text.startswith("AMI__"):
+        raise argparse.ArgumentTypeError("takes AMI__SECTION__KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    load = parser.add_argument_group("load (emqtt-bench / wrk2 style)")
+    load.add_argument("--meters", type=_positive(int), default=1000, help="meters provisioned (the fleet)")
+    load.add_argument("--concentrators", type=_positive(int), default=10,
+                      help="concentrators (relays; one MQTT connection per PLC segment on each side)")
+    load.add_argument("--rate", type=_positive(float), default=1000.0,
+                      help="target frames/s (readings), constant-rate schedule")
+    load.add_argument("--duration", type=_positive(float), default=30.0, help="measurement window (s)")
+    load.add_argument("--ramp-up", type=_non_negative, default=5.0,
+                      help="meters boot spread over this long (s); the window opens after it, once all are associated")
+    load.add_argument("--qos", type=int, choices=[0, 1, 2], default=int(config.get("bus", {}).get("qos", 1)))
+    load.add_argument("--payload-size", type=_positive(int),
+                      help="bytes per PLC uplink frame: readings are padded up to it (default: their natural size)")
+    load.add_argument("--broker", default=None,
+                      help="mqtt://host:port of an existing broker; 'mosquitto' starts a private Mosquitto on a free "
+                           "port; default: the embedded amqtt broker on a free port")
+    load.add_argument("--broker-pid", type=int, help="pid of an external broker, to report its CPU and RSS")
+    load.add_argument("--baseline", action="store_true",
+                      help="also run the bare topology (same processes, connections, payload sizes; no sealing, "
+                           "no opening, no forwarding, no head-end) and report pipeline/bare")
+    load.add_argument("--rotate-all-at", type=_non_negative, metavar="SECONDS",
+                      help="renew every session key this long into the window (renewal storm)")
+    topo = parser.add_argument_group("topology and tuning")
+    topo.add_argument("--fleet-processes", type=_positive(int), default=1, help="ami meters processes (--shard i/n)")
+    topo.add_argument("--relay-processes", type=_positive(int), default=1,
+                      help="ami concentrator processes (--shard i/n)")
+    topo.add_argument("--batch-max-frames", type=_positive(int), help="relay WAN batch size (default: config)")
+    topo.add_argument("--batch-max-delay-ms", type=_non_negative, help="relay WAN batch delay (default: config)")
+    topo.add_argument("--set", dest="env", action="append", type=_env_pair, default=[], metavar="AMI__S__K=V",
+                      help="configuration override passed to every service (repeatable)")
+    topo.add_argument("--sample-interval", type=_positive(float), default=1.0,
+                      help="metrics interval of every service and of the report series (s)")
+    topo.add_argument("--drain", type=_non_negative, default=30.0,
+                      help="after the fleet stops, wait at most this long for the head-end to store what was pushed")
+    topo.add_argument("--settle-max", type=_non_negative, default=120.0,
+                      help="after the ramp-up, wait at most this long for every meter to associate")
+    topo.add_argument("--storm-timeout", type=_non_negative, default=300.0,
+                      help="after the window, wait at most this long for the renewal storm to finish")
+    topo.add_argument("--workdir", type=Path, help="parent of the run's temporary folder (default: system temp)")
+    topo.add_argument("--keep", action="store_true", help="keep the run's folder (data, logs)")
+    topo.add_argument("--profile", help="py-spy record these roles (headend,fleet,relays,broker or all) to SVG "
+                                        "in the run folder (kept)")
+    out = parser.add_argument_group("output and thresholds")
+    out.add_argument("--report", type=Path, help="write the JSON report here")
+    out.add_argument("--csv", type=Path, help="write the time series here")
+    out.add_argument("--plot", type=Path, help="write throughput and latency over time here (PNG)")
+    out.add_argument("--min-fps", type=_non_negative, help="fail (exit 1) below this many accepted frames/s")
+    out.add_argument("--max-p99-ms", type=_non_negative, help="fail (exit 1) above this p99 latency")
+    out.add_argument("--max-loss", type=_non_negative,
+                     help="fail (exit 1) above this fraction of pushed readings lost (0: none may be lost)")
+    out.add_argument("--quiet", action="store_true", help="no live progress")
+    out.add_argument("--log-level", default="info")
+
+
+def options_from_args(args: argparse.Namespace):
+    from .run import Options
+
+    if args.concentrators > args.meters:
+        raise SystemExit("--concentrators cannot exceed --meters")
+    if args.fleet_processes > args.concentrators or args.relay_processes > args.concentrators:
+        raise SystemExit("--fleet-processes / --relay-processes cannot exceed --concentrators")
+    return Options(
+        meters=args.meters,
+        concentrators=args.concentrators,
+        rate=args.rate,
+        duration=args.duration,
+        ramp_up=args.ramp_up,
+        qos=args.qos,
+        payload_size=args.payload_size,
+        broker=args.broker,
+        broker_pid=args.broker_pid,
+        baseline=args.baseline,
+        rotate_all_at=args.rotate_all_at,
+        fleet_processes=args.fleet_processes,
+        relay_processes=args.relay_processes,
+        batch_max_frames=args.batch_max_frames,
+        batch_max_delay_ms=args.batch_max_delay_ms,
+        sample_interval=args.sample_interval,
+        drain=args.drain,
+        settle_max=args.settle_max,
+        storm_timeout=args.storm_timeout,
+        workdir=args.workdir,
+        keep=args.keep,
+        env=dict(args.env),
+        live=not args.quiet,
+        profile=args.profile,
+    )
+
+
+def main(args: argparse.Namespace, config: dict) -> int:
+    from rich.console import Console
+
+    from . import report as reportlib
+    from .run import LoadTest, LoadTestError
+
+    console = Console(stderr=True)
+    options = options_from_args(args)
+    test = LoadTest(options, console=console)
+    test.thresholds = {"min_fps": args.min_fps, "max_p99_ms": args.max_p99_ms, "max_loss": args.max_loss}
+    try:
+        report = test.run()
+    except LoadTestError as exc:
+        console.print(f"[red]load test failed:[/red] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1) + "\n")
+    if args.csv:
+        reportlib.write_csv(report, args.csv)
+    if args.plot:
+        from .plot import plot_report
+
+        plot_report(report, args.plot)
+    Console(file=sys.stdout).print(reportlib.summary_table(report))
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    return 0 if report["thresholds"]["passed"] else 1
