@@ -97,6 +97,11 @@ class Policy:
     session_renew_at_ic: int = 0xF000_0000
     global_key_max_age_s: float = 0.0
     association_timeout_s: float = 10.0
+    #: Associations in flight at once; more wait in a queue (boot storms,
+    #: fleet-wide renewals) so that round trips stay below the timeout.
+    max_pending_associations: int = 2000
+    #: Gap-fill requests sent per tick, all meters together.
+    max_gap_requests_per_tick: int = 2000
     association_max_attempts: int = 8
     transfer_timeout_s: float = 10.0
     transfer_max_attempts: int = 5
@@ -152,6 +157,9 @@ class HeadEndEngine:
         self.campaigns: dict[str, Campaign] = {}
         self._request_id = 0
         self._gap_meters: set[str] = set()
+        self._gap_heap: list[tuple[float, str]] = []  # (when some gap of the meter is due, meter)
+        self._associating = 0  # meters with an association in flight
+        self._waiting: dict[str, str] = {}  # meters queued for an association -> reason (FIFO)
         self._pending_meters: set[str] = set()  # association or transfer in flight
         self._age_heap: list[tuple[float, str, int]] = []
         self._reset_outputs()
@@ -263,6 +271,7 @@ class HeadEndEngine:
                 m.gaps[seq] = now + self.policy.gap_fill_delay_s
             if m.gaps:
                 self._gap_meters.add(m.meter)
+                heapq.heappush(self._gap_heap, (now + self.policy.gap_fill_delay_s, m.meter))
             for kt in GLOBAL_TYPES:
                 m.keys[kt] = {}
                 m.slots[kt] = KeySlot()
@@ -307,6 +316,7 @@ class HeadEndEngine:
             return  # its CC_LAN expired since: that AARQ can no longer matter
         order = [row.lan_version] + [v for v in order if v != row.lan_version]
         m.association = PendingAssociation(row.key, row.serial, order, 0, now, 1, "restored")
+        self._associating += 1
         m.next_serial = max(m.next_serial, row.serial + 1)
         self._pending_meters.add(m.meter)
 
@@ -420,13 +430,14 @@ class HeadEndEngine:
         if pa is not None and not replay:
             # Traffic under the key we offered proves the meter took it, even
             # if its AARE is late or was lost (e.g. across our restart).
-            probe = Opener(Suite0Cipher(pa.session_key, m.ak), m.title, ReceiveCounter(0))
-            try:
-                plaintext = probe.open(apdu)
-            except (AuthenticationFailed, ReplayedFrame):
-                pass
-            else:
+            for key in (pa.session_key, *reversed(pa.offered)):
+                probe = Opener(Suite0Cipher(key, m.ak), m.title, ReceiveCounter(0))
+                try:
+                    plaintext = probe.open(apdu)
+                except (AuthenticationFailed, ReplayedFrame):
+                    continue
                 self.counters["associations_inferred"] += 1
+                pa.session_key = key
                 self._install_session(m, pa, now)
                 m.session.opener.counter = probe.counter
                 return m.session, plaintext
@@ -550,6 +561,7 @@ class HeadEndEngine:
                 for seq in range(first, r.seq):
                     m.gaps[seq] = due
                 self._gap_meters.add(m.meter)
+                heapq.heappush(self._gap_heap, (due, m.meter))
                 self.counters["gaps_detected"] += r.seq - first
             m.high_seq = r.seq
         elif m.gaps.pop(r.seq, None) is None:
@@ -564,28 +576,38 @@ class HeadEndEngine:
             self._latencies.append(int(now * 1e9) - r.sealed_ns)
 
     def _gap_fill(self, now: float) -> None:
-        for mid in list(self._gap_meters):
+        """Ask for the gaps that are due, meters in due order, a bounded number
+        of requests per tick (a heap: no scan of every meter with gaps)."""
+        budget = self.policy.max_gap_requests_per_tick
+        heap = self._gap_heap
+        deferred: list[tuple[float, str]] = []
+        while heap and heap[0][0] <= now and budget > 0:
+            _when, mid = heapq.heappop(heap)
             m = self.meters[mid]
             if not m.gaps:
                 self._gap_meters.discard(mid)
                 continue
             if m.session is None or m.association is not None:
+                deferred.append((now + self.policy.gap_fill_delay_s, mid))  # ask once associated
                 continue
             due = sorted(seq for seq, when in m.gaps.items() if when <= now)
-            if not due:
-                continue
             ranges: list[list[int]] = []
             for seq in due:
                 if ranges and seq == ranges[-1][1] + 1 and seq - ranges[-1][0] < _GAP_CHUNK:
                     ranges[-1][1] = seq
                 else:
                     ranges.append([seq, seq])
-            for first, last in ranges[:8]:  # bound the burst per meter per tick
+            for first, last in ranges[: min(8, budget)]:  # bound the burst per meter per tick
                 self._send_session(m, GapFillRequest(self._next_request_id(), first, last))
                 self.counters["gap_fill_requests"] += 1
+                budget -= 1
                 retry = now + self.policy.gap_fill_retry_s
                 for seq in range(first, last + 1):
                     m.gaps[seq] = retry
+            if m.gaps:
+                deferred.append((min(m.gaps.values()), mid))
+        for item in deferred:
+            heapq.heappush(heap, item)
 
     # -- downlink under the session ---------------------------------------------
 
@@ -607,8 +629,15 @@ class HeadEndEngine:
     # -- association -----------------------------------------------------------
 
     def _associate(self, m: MeterState, now: float, reason: str) -> None:
-        if m.association is not None:
+        if m.association is not None or m.meter in self._waiting:
             return
+        if self._associating >= self.policy.max_pending_associations:
+            # Admission control: under a storm, more in flight only means
+            # longer round trips, timeouts and retries (a collapse).
+            self._waiting[m.meter] = reason
+            self.counters["associations_queued"] += 1
+            return
+        self._associating += 1
         order = m.slots[KeyType.CC_LAN].try_order()
         m.association = PendingAssociation(
             SecretBytes(self._new_key()), m.next_serial, order, 0, now, 1, reason
@@ -626,6 +655,9 @@ class HeadEndEngine:
         if pa.attempts > 1 or pa.index > 0:
             # Every AARQ carries a fresh dedicated key: a meter must never
             # install the same session key twice (its counters restart at 0).
+            # The meter may have taken an earlier offer whose AARE is late:
+            # keep the last few so its traffic still proves it.
+            pa.offered = (pa.offered + [pa.session_key])[-3:]
             pa.session_key = SecretBytes(self._new_key())
         gk = m.keys[KeyType.CC_LAN][pa.version]
         self._reserve(gk.tx)
@@ -705,6 +737,7 @@ class HeadEndEngine:
             ReceiveCounter(0),
         )
         m.association = None
+        self._associating -= 1
         self._dirty_pending.add(m.meter)
         self._dirty_sessions.add(m.meter)
         self._new_sessions.add(m.meter)
@@ -728,6 +761,7 @@ class HeadEndEngine:
             pa.attempts += 1
             if pa.attempts > self.policy.association_max_attempts:
                 m.association = None
+                self._associating -= 1
                 self._dirty_pending.add(m.meter)
                 self.counters["associations_failed"] += 1
                 self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
@@ -953,7 +987,8 @@ class HeadEndEngine:
         for mid in list(self._pending_meters):
             m = self.meters[mid]
             pa = m.association
-            if pa is not None and now - pa.sent_at >= p.association_timeout_s:
+            # Back off: 1x, 2x, 4x, 8x the timeout over successive rounds.
+            if pa is not None and now - pa.sent_at >= p.association_timeout_s * min(2 ** (pa.attempts - 1), 8):
                 self.counters["association_timeouts"] += 1
                 self._next_association_attempt(m, now, "timeout")
             t = m.transfer
@@ -974,6 +1009,10 @@ class HeadEndEngine:
                     self._send_transfer(m, now)
             if m.association is None and m.transfer is None:
                 self._pending_meters.discard(mid)
+        while self._waiting and self._associating < p.max_pending_associations:
+            mid = next(iter(self._waiting))
+            reason = self._waiting.pop(mid)
+            self._associate(self.meters[mid], now, reason)
         while self._age_heap and self._age_heap[0][0] <= now:
             _due, mid, serial = heapq.heappop(self._age_heap)
             m = self.meters[mid]

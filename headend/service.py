@@ -52,6 +52,8 @@ class HeadEndService:
         self._inbox: deque[aiomqtt.Message] = deque()
         self._wakeup = asyncio.Event()
         self._downlink_seq = 0
+        self._tick_interval = float(self.hcfg.get("commit_interval_ms", 200)) / 1000
+        self._last_tick = 0.0
         self.ready = asyncio.Event()
 
     async def start_engine(self) -> None:
@@ -174,7 +176,11 @@ class HeadEndService:
                 continue
             wan = topics.parse_wan(topic)
             engine.handle_batch(bytes(payload), now, wan[0] if wan else None)
-        engine.tick(now)
+        # Timers at most every commit interval: under load rounds come back
+        # to back, and the timers need no finer grain.
+        if now - self._last_tick >= self._tick_interval:
+            engine.tick(now)
+            self._last_tick = now
         effects = engine.drain()
         t0 = time.perf_counter()
         await self.store.commit(effects.commit)  # durable BEFORE anything leaves

@@ -72,6 +72,7 @@ class PendingAssociation:
     sent_at: float
     attempts: int
     reason: str
+    offered: list[SecretBytes] = field(default_factory=list)  # earlier offers of this association
 
     @property
     def version(self) -> int:

@@ -789,3 +789,28 @@ def test_random_schedules_with_key_rotations(
     assert not sim.gaps()
     sim.assert_readings()
     sim.assert_clean()
+
+
+def test_association_storms_are_admitted_a_bounded_number_at_a_time() -> None:
+    """A boot storm and a fleet-wide renewal never put more associations in
+    flight than the policy allows; the rest wait their turn, and everyone
+    ends up associated with nothing lost or rejected."""
+    p = replace(default_policy(), max_pending_associations=3)
+    sim = Sim(12, 2, policy=p)
+    peak = 0
+    for _ in range(40):
+        sim.step()
+        peak = max(peak, sim.engine._associating)
+        assert sim.engine._associating == sum(1 for m in sim.engine.meters.values() if m.association is not None)
+    assert peak == 3
+    assert sim.engine.counters["associations_queued"] >= 9
+    assert all(m.session is not None for m in sim.engine.meters.values())
+    storm = rotate(sim, "session")
+    for _ in range(20):
+        sim.step()
+        assert sim.engine._associating <= 3
+    assert done_reply(sim, storm)["failed"] == 0
+    sim.settle()
+    sim.assert_readings()
+    no_rejections(sim)
+    sim.assert_clean()
