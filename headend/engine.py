@@ -342,7 +342,7 @@ class HeadEndEngine:
             if data[:1] == bytes((AARE_TAG,)):
                 aare = parse_aare(data)
                 m = self._meter_for(aare.responding_title, concentrator, label)
-                self._on_aare(m, aare, now)
+                self._on_aare(m, aare, now, data)
                 return
             apdu = parse_apdu(data)
             if apdu.system_title is None:
@@ -665,12 +665,17 @@ class HeadEndEngine:
         initiate = encode_initiate_request(InitiateRequest(dedicated_key=pa.session_key))
         apdu = seal_apdu(Suite0Cipher(gk.key, m.ak), GLO_INITIATE_REQUEST, self.title, gk.tx.take(), initiate)
         pa.sent_at = now
+        pa.frame = build_aarq(self.title, apdu)
         self._dirty_pending.add(m.meter)  # its key is durable before the AARQ leaves
-        self._send(m, build_aarq(self.title, apdu))
+        self._send(m, pa.frame)
         self.counters["aarq_sent"] += 1
 
-    def _on_aare(self, m: MeterState, aare, now: float) -> None:
+    def _on_aare(self, m: MeterState, aare, now: float, data: bytes = b"") -> None:
         pa = m.association
+        if data and data == m.last_aare:
+            # The meter's answer to a retransmitted AARQ: the same frame again.
+            self.counters["duplicate_aare"] += 1
+            return
         if pa is None:
             # A late answer to an attempt we already replaced (or completed):
             # harmless if genuine, so verify it before calling it stale; a
@@ -690,7 +695,11 @@ class HeadEndEngine:
         apdu = parse_apdu(aare.initiate_apdu)
         if apdu.tag != GLO_INITIATE_RESPONSE:
             raise MalformedFrame("AARE does not carry a glo-initiateResponse")
-        gk = m.keys[KeyType.CC_LAN][pa.version]
+        gk = m.keys[KeyType.CC_LAN].get(pa.version)
+        if gk is None:
+            # The CC_LAN this AARQ went under expired since: go on with today's.
+            self._next_association_attempt(m, now, "key_changed")
+            raise ExpiredKey("AARE under a CC_LAN version no longer held")
         # The meter seals its AARE under its current AK: a NEW AK whose
         # transfer ack was lost is tried too, and activated if it verifies
         # (as for DB and DC frames); else the association could never finish.
@@ -716,6 +725,7 @@ class HeadEndEngine:
         elif slot.new is not None:
             # The meter answered under ACTIVE: it never took the NEW key.
             self._withdraw(m, KeyType.CC_LAN, now, "meter kept the active key")
+        m.last_aare = bytes(data)
         self._install_session(m, pa, now)
 
     def _install_session(self, m: MeterState, pa: PendingAssociation, now: float) -> None:
@@ -754,20 +764,34 @@ class HeadEndEngine:
 
     def _next_association_attempt(self, m: MeterState, now: float, why: str) -> None:
         pa = m.association
+        if why == "timeout" and pa.frame and pa.version in m.keys[KeyType.CC_LAN]:
+            # No answer: send the very same AARQ again (same key, same IC: the
+            # same frame, not a second use of the IV).  A meter that answered
+            # it answers again with the same AARE; a fresh key here would let
+            # the meter and us settle on different offers.
+            pa.attempts += 1
+            if pa.attempts > self.policy.association_max_attempts:
+                return self._give_up_association(m, why)
+            pa.sent_at = now
+            self._send(m, pa.frame)
+            self.counters["aarq_retransmitted"] += 1
+            return
         if pa.index + 1 < len(pa.order):
             pa.index += 1
         else:
             pa.index = 0
             pa.attempts += 1
             if pa.attempts > self.policy.association_max_attempts:
-                m.association = None
-                self._associating -= 1
-                self._dirty_pending.add(m.meter)
-                self.counters["associations_failed"] += 1
-                self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
-                self._campaign_failed(m.meter, "session")
-                return
+                return self._give_up_association(m, why)
         self._send_aarq(m, now)
+
+    def _give_up_association(self, m: MeterState, why: str) -> None:
+        m.association = None
+        self._associating -= 1
+        self._dirty_pending.add(m.meter)
+        self.counters["associations_failed"] += 1
+        self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
+        self._campaign_failed(m.meter, "session")
 
     def _drop_session(self, m: MeterState) -> None:
         if m.session is not None or m.previous is not None:

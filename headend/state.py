@@ -73,6 +73,7 @@ class PendingAssociation:
     attempts: int
     reason: str
     offered: list[SecretBytes] = field(default_factory=list)  # earlier offers of this association
+    frame: bytes = b""  # the AARQ as sent, retransmitted as is on a timeout
 
     @property
     def version(self) -> int:
@@ -104,6 +105,7 @@ class MeterState:
     high_seq: int | None = None
     gaps: dict[int, float] = field(default_factory=dict)  # seq -> when to ask (again)
     auth_failures: int = 0
+    last_aare: bytes = b""  # the AARE that completed the current session
     reads: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> (command id, reply topic)
     # The last retired session key and expired global key of each type, kept
     # (in memory only, bytes not ciphers) to tell a late or stolen-key frame

@@ -252,6 +252,7 @@ class Meter:
         "locale_recv",
         "session",
         "local_session",
+        "last_association",
         "prev_ak",
         "prev_ak_until",
         "powered",
@@ -294,6 +295,9 @@ class Meter:
         self.locale_recv = ReceiveCounter(marks.get(LOCALE_RECV, 0))
         self.session: Session | None = None
         self.local_session: Session | None = None
+        # (AARQ, AARE) of the current LAN session, RAM only: the head-end
+        # retransmits an unanswered AARQ byte for byte.
+        self.last_association: tuple[bytes, bytes] | None = None
         self.prev_ak: SecretBytes | None = None
         self.prev_ak_until = 0.0
         self.powered = False
@@ -321,6 +325,7 @@ class Meter:
         self.boot_at = None
         self.session = None
         self.local_session = None
+        self.last_association = None
         self.prev_ak = None
         self.last_pushed = -1
         self.boot_detail = detail
@@ -475,6 +480,14 @@ class Meter:
         global_key = self.keys.cc_locale if local else self.keys.cc_lan
         recv, recv_slot = (self.locale_recv, LOCALE_RECV) if local else (self.lan_recv, LAN_RECV)
         frames = out.local if local else out.uplink
+        if not local and self.session is not None and self.last_association is not None:
+            if data == self.last_association[0]:
+                # The head-end did not get our answer and sent the very same
+                # AARQ again: answer it again, byte for byte.  Installing the
+                # session again would restart its counters under the same key.
+                frames.append(self.last_association[1])
+                out.counters.append("aarq_repeated")
+                return
         try:
             aarq = parse_aarq(data)
             if aarq.calling_title != peer:
@@ -513,9 +526,10 @@ class Meter:
             initiate = self._seal_global(KeyType.CC_LAN, self.lan_send, LAN_SEND, out)
             self.session = session
             out.counters.append("associations")
+            self.last_association = (bytes(data), build_aare(self.title, True, initiate))
             # Push the latest finished interval right away (if not pushed yet).
             self.next_due = now
-        frames.append(build_aare(self.title, True, initiate))
+        frames.append(self.last_association[1] if not local else build_aare(self.title, True, initiate))
 
     def _seal_global(self, key_type: KeyType, counter: SendCounter, slot: str, out: Output) -> bytes:
         ic = self._take(counter, slot, out)

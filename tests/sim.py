@@ -603,12 +603,14 @@ class Sim:
         if w.key is not None and w.sender is not None and w.ic is not None:
             ident = (w.key, w.sender, w.ic)
             first = self.ledger.get(ident)
-            if first is not None:
+            # The same frame sent again (an AARQ retransmitted on a timeout,
+            # a cached AARE) is one use of its IV; a different frame is reuse.
+            if first is not None and first.data != w.data:
                 self.violations.append(
                     f"(key, IV) reuse: {w.direction} {w.kind} of {w.meter} key {w.key} sender {w.sender.hex()} "
                     f"IC {w.ic} at {w.at - T0:.0f}s, first at {first.at - T0:.0f}s ({first.kind})"
                 )
-            else:
+            elif first is None:
                 self.ledger[ident] = w
         if w.direction == "up":
             self._check_meter_durability(w, key)

@@ -461,6 +461,14 @@ def test_aare_with_no_pending_association() -> None:
     sim = running()
     assert sim.engine.meters[M1].association is None
     genuine = next(w for w in sim.wire if w.meter == M1 and w.kind == "aare")
+    # A renewal: the AARE above is now an old one (a replay), while the
+    # newest one, sent again, is a duplicate answer (the meter answers a
+    # retransmitted AARQ with the same AARE): counted, not rejected.
+    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "replies/s"})
+    sim.run(3)
+    latest = [w for w in sim.wire if w.meter == M1 and w.kind == "aare"][-1]
+    assert latest.data != genuine.data
+    duplicates = sim.engine.counters["duplicate_aare"]
     body = encode_initiate_response(InitiateResponse())
     title = sim.titles[M1]
     forged = build_aare(title, True, seal_apdu(Suite0Cipher(secrets.token_bytes(16), secrets.token_bytes(16)),
@@ -468,9 +476,10 @@ def test_aare_with_no_pending_association() -> None:
     refusal = build_aare(title, False, None)  # unciphered: nothing to verify, and it changes nothing
     before = Counter(sim.engine.rejected)
     stale = sim.engine.counters["stale_aare"]
-    sim.inject_frames(C1, [(M1, genuine.data), (M1, forged), (M1, refusal)])
+    sim.inject_frames(C1, [(M1, genuine.data), (M1, forged), (M1, refusal), (M1, latest.data)])
     assert rejections(sim, before) == Counter(replay=1, auth_failed=1)
     assert sim.engine.counters["stale_aare"] == stale + 1
+    assert sim.engine.counters["duplicate_aare"] == duplicates + 1
     assert [e["reason"] for e in rejected_events(sim)] == ["replay", "auth_failed"]
     m = sim.engine.meters[M1]
     assert m.association is None and m.session is not None and m.session.key == sim.meters[M1].session.key

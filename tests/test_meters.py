@@ -433,11 +433,26 @@ def test_key_transfer_refused(setup: str, key_id: KeyId, wrong_ccc: bool, reason
     assert (rig.meter.keys.cc_lan, rig.meter.keys.ak, rig.meter.keys.cc_locale) == before
 
 
-def test_replayed_aarq_rejected_and_session_kept() -> None:
+def test_repeated_aarq_gets_the_same_aare_and_changes_nothing() -> None:
+    """The head-end retransmits an unanswered AARQ byte for byte: the meter
+    answers with the very AARE it sent (no new counter value, no new
+    session: installing it again would restart the session's counters)."""
+    rig = make_rig()
+    rig.run(rig.meter.tick(rig.now))
+    first_answer = associate(rig).uplink[0]
+    session, ic = rig.meter.session, rig.meter.lan_send.next_value
+    out = rig.meter.on_downlink(rig.headend.sent[0], rig.now)
+    assert out.rejected == [] and out.persist == []
+    assert out.uplink == [first_answer]
+    assert rig.meter.session is session and rig.meter.lan_send.next_value == ic
+
+
+def test_replayed_older_aarq_rejected_and_session_kept() -> None:
     rig = booted_and_associated()
+    old_aarq = rig.headend.sent[0]
+    associate(rig)  # a newer association replaces the cached one
     session = rig.meter.session
-    replay = rig.headend.sent[0]
-    out = rig.meter.on_downlink(replay, rig.now)
+    out = rig.meter.on_downlink(old_aarq, rig.now)
     assert out.rejected == ["replay"] and not rig.headend.accept_aare(out.uplink[0])
     assert rig.meter.session is session
 
