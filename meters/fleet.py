@@ -435,6 +435,11 @@ class Fleet:
                 if due != scheduled[idx]:
                     continue  # superseded by an earlier reschedule
                 meter = meters[idx]
+                if s.stamp:
+                    # Stamp the time the push was *due*, not when we got to it:
+                    # a fleet that falls behind must show as latency (wrk2's
+                    # lesson on coordinated omission), not hide it.
+                    wall_ns = int((clock.anchor_wall + (due - clock.anchor_sim) / clock.compression) * 1e9)
                 out = meter.tick(now, wall_ns)
                 self._collect(meter, out)
                 if faults and "readings_pushed" in out.counters:
