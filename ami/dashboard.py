@@ -8,9 +8,9 @@ use is counted as garbage, never raised.  ``main`` connects as the bus user
 prints one text/JSON line every ``--every`` seconds (``--plain``/``--json``,
 or when stdout is not a terminal).
 
-The module imports only the standard library at import time: ``ami.cli``
-imports every subcommand module to build its parser, and a relay process
-must not drag in the cipher code (``ami.protocol``) or rich.
+The module imports only the standard library at import time, and loads
+rich and the bus client when it runs: importing it stays cheap for tests and
+for anything that only wants ``MonitorModel``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import math
+import signal
 import sys
 import time
 import uuid
@@ -479,6 +480,8 @@ async def _run(args: argparse.Namespace, plain: bool) -> int:
 
 def main(args: argparse.Namespace, config: dict) -> int:
     plain = args.plain or args.json or not sys.stdout.isatty()
+    # SIGTERM (honcho, systemd) ends the watch like Ctrl-C does: exit 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return asyncio.run(_run(args, plain))
     except KeyError as exc:  # provisioned with bus auth, but no monitor user
