@@ -114,6 +114,19 @@ async def publish_all(
         await asyncio.gather(*pending)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (for brokers started by tests and load tests)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with socket.socket() as s:
+        s.settimeout(timeout)
+        return s.connect_ex((host, port)) == 0
+
+
 async def wait_for_broker(broker: str, *, timeout: float = 30.0) -> None:
     """Wait until the broker's TCP port accepts connections (Procfile start-up order)."""
     url = parse_broker_url(broker)
@@ -129,4 +142,4 @@ async def wait_for_broker(broker: str, *, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-__all__ = ["BrokerUrl", "parse_broker_url", "load_credentials", "make_client", "publish_all", "wait_for_broker", "topics"]
+__all__ = ["BrokerUrl", "free_port", "port_open", "parse_broker_url", "load_credentials", "make_client", "publish_all", "wait_for_broker", "topics"]

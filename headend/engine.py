@@ -23,7 +23,6 @@ from typing import Any
 
 from ami.protocol import (
     AuthenticationFailed,
-    CounterExhausted,
     ExpiredKey,
     KeyLifecycleError,
     MalformedFrame,
@@ -46,7 +45,6 @@ from ami.protocol.association import (
     encode_initiate_request,
     parse_aare,
 )
-from ami.protocol.counters import IC_LIMIT
 from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,28 +24,21 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
+from ami.bus import free_port, port_open
+
 AMI = [sys.executable, "-m", "ami.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(host: str, port: int) -> bool:
-    with closing(socket.socket()) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on ``port`` (failing early if ``proc`` died)."""
     deadline = time.monotonic() + timeout
-    while not port_open("127.0.0.1", port):
+    while not port_open("127.0.0.1", port, timeout=0.2):
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on {port}")
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 class Collector:

@@ -36,6 +36,7 @@ from ami.bus_auth import (
     mosquitto_pbkdf2_hash,
     write_bus_security,
 )
+from harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -283,12 +284,6 @@ def test_broker_config_is_lean_and_toml_able(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------
 # Real brokers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15.0) -> None:

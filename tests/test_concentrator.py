@@ -8,7 +8,6 @@ import ast
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from ami.protocol.messages import MAX_APDU_SIZE, MAX_BATCH_BYTES, Batch, decode_batch, encode_batch
+from harness import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -86,25 +86,6 @@ def test_ami_concentrator_command_loads_no_meter_or_headend_code() -> None:
 # against a real broker
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} closed")
-
-
 class Bus:
     """paho clients on the secured broker, recording what they receive."""
 
@@ -159,7 +140,7 @@ def network(tmp_path: Path):
                               stderr=(tmp_path / "mosquitto.log").open("wb"))
     bus = Bus(port, sec)
     try:
-        wait_port(port, broker)
+        wait_port(port, 10.0, broker)
         yield data, port, net, bus
     finally:
         bus.close()

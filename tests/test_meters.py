@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from meters.meter import (
     Output,
 )
 from meters.nvm import Nvm
+from harness import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -675,25 +675,6 @@ def test_clock_anchor_persists(tmp_path: Path) -> None:
 # the fleet against a real broker
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"port {port} closed")
-
-
 @pytest.fixture
 def secured_network(tmp_path: Path):
     """A provisioned network with bus credentials and ACLs, and a Mosquitto
@@ -711,7 +692,7 @@ def secured_network(tmp_path: Path):
     proc = subprocess.Popen([str(MOSQUITTO), "-c", str(sec.mosquitto_conf)], stdout=subprocess.DEVNULL,
                             stderr=log.open("wb"))
     try:
-        wait_port(port, proc)
+        wait_port(port, 10.0, proc)
         yield data, port, network, sec
     finally:
         proc.terminate()
@@ -815,7 +796,7 @@ def open_network(tmp_path: Path):
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
     proc = subprocess.Popen([str(MOSQUITTO), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port, proc)
+        wait_port(port, 10.0, proc)
         yield data, port, network
     finally:
         proc.terminate()

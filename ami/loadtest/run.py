@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import msgpack
 import paho.mqtt.client as paho
 import psutil
 
-from ami.bus import parse_broker_url
+from ami.bus import free_port, parse_broker_url, port_open
 from ami.protocol import topics
 
 from . import report as reportlib
@@ -60,18 +59,6 @@ class LoadTestError(RuntimeError):
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(host: str, port: int) -> bool:
-    with closing(socket.socket()) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
 
 
 def machine_info() -> dict[str, Any]:
