@@ -477,6 +477,17 @@ def _learn_transfer(meter: str, msg: KeyTransfer, ring: KeyRing) -> int:
     return learned
 
 
+def _open_global(g: dict, apdu, ciphers: _Ciphers, title: bytes | None = None):
+    """(CC_LAN entry, plaintext) for the first CC_LAN x AK pair that verifies, else None."""
+    for cc in g[KeyType.CC_LAN]:
+        for ak in g[KeyType.AK]:
+            try:
+                return cc, open_apdu(ciphers.get(cc.key, ak.key), apdu, title)
+            except ProtocolError:
+                continue
+    return None
+
+
 def _try_open(f: Frame, kind: str, ring: KeyRing, ciphers: _Ciphers) -> Opened | None:
     g = ring.glob.get(f.meter)
     try:
@@ -484,41 +495,22 @@ def _try_open(f: Frame, kind: str, ring: KeyRing, ciphers: _Ciphers) -> Opened |
             if not g:
                 return None
             aarq = parse_aarq(f.data)
-            apdu = parse_apdu(aarq.initiate_apdu)
-            for cc in g[KeyType.CC_LAN]:
-                for ak in g[KeyType.AK]:
-                    try:
-                        plain = open_apdu(ciphers.get(cc.key, ak.key), apdu, aarq.calling_title)
-                    except ProtocolError:
-                        continue
-                    req = decode_initiate_request(plain)
-                    return Opened("aarq", cc, req, bytes(req.dedicated_key) if req.dedicated_key else None)
-            return None
+            found = _open_global(g, parse_apdu(aarq.initiate_apdu), ciphers, aarq.calling_title)
+            if found is None:
+                return None
+            req = decode_initiate_request(found[1])
+            return Opened("aarq", found[0], req, bytes(req.dedicated_key) if req.dedicated_key else None)
         if kind == "aare":
             if not g:
                 return None
             aare = parse_aare(f.data)
-            apdu = parse_apdu(aare.initiate_apdu)
-            for cc in g[KeyType.CC_LAN]:
-                for ak in g[KeyType.AK]:
-                    try:
-                        plain = open_apdu(ciphers.get(cc.key, ak.key), apdu, aare.responding_title)
-                    except ProtocolError:
-                        continue
-                    return Opened("aare", cc, decode_initiate_response(plain))
-            return None
+            found = _open_global(g, parse_apdu(aare.initiate_apdu), ciphers, aare.responding_title)
+            return None if found is None else Opened("aare", found[0], decode_initiate_response(found[1]))
         if kind == "db":
             if not g:
                 return None
-            apdu = parse_apdu(f.data)
-            for cc in g[KeyType.CC_LAN]:
-                for ak in g[KeyType.AK]:
-                    try:
-                        plain = open_apdu(ciphers.get(cc.key, ak.key), apdu)
-                    except ProtocolError:
-                        continue
-                    return Opened("db", cc, decode_message(plain))
-            return None
+            found = _open_global(g, parse_apdu(f.data), ciphers)
+            return None if found is None else Opened("db", found[0], decode_message(found[1]))
         if kind == "dc":
             sessions = ring.sessions.get(f.meter)
             if not sessions or not g:
