@@ -36,20 +36,15 @@ from ami.monitor import Metrics, publish_status
 from ami.protocol import topics
 from ami.provision import load_network
 from ami.runner import run_service
+from ami.sharding import parse_shard, select
 
 PUB_COMPONENT = "loadtest-fleet"
 SUB_COMPONENT = "loadtest-relay"
 
 
 def shard(items: list[str], spec: str | None) -> list[str]:
-    """``i/n``: every n-th item of the sorted list from the i-th (as ``--shard`` in the services)."""
-    items = sorted(items)
-    if not spec:
-        return items
-    i, n = (int(x) for x in spec.split("/", 1))
-    if not 1 <= i <= n:
-        raise ValueError("--shard i/n needs 1 <= i <= n")
-    return items[i - 1 :: n]
+    """``i/n``: the split ``--shard`` makes in the services (ami.sharding)."""
+    return select(sorted(items), None, parse_shard(spec) if spec else None)
 
 
 async def _monitor(broker: str, data: Path, metrics: Metrics, interval: float, refresh, done: asyncio.Event) -> None:

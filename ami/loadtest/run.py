@@ -544,12 +544,13 @@ class LoadTest:
     def _fleet_shares(self) -> list[float]:
         """Each fleet process's share of the meters (its share of the rate)."""
         from ami.provision import load_network
+        from ami.sharding import select
 
-        o = self.o
         network = load_network(self.data)
-        known = sorted(network.concentrators)
-        n = o.fleet_processes
-        counts = [sum(len(network.segments[c]) for c in known[i::n]) for i in range(n)]
+        n = self.o.fleet_processes
+        # The same split `ami meters --shard i/n` makes.
+        counts = [sum(len(network.segments[c]) for c in select(network.concentrators, None, (i, n)))
+                  for i in range(1, n + 1)]
         total = sum(counts) or 1
         return [c / total for c in counts]
 
