@@ -85,7 +85,7 @@ async def publish_status(client: aiomqtt.Client, metrics: Metrics, status: str) 
 
 async def run_monitor(
     broker: str,
-    user: str,
+    user: str | None,
     data_dir: Path | None,
     metrics: Metrics,
     interval: float,

@@ -32,7 +32,7 @@ from pathlib import Path
 import aiomqtt
 
 from ami.bus import make_client, wait_for_broker
-from ami.monitor import Metrics, publish_status
+from ami.monitor import Metrics, run_monitor
 from ami.protocol import topics
 from ami.provision import load_network
 from ami.runner import run_service
@@ -45,22 +45,6 @@ SUB_COMPONENT = "loadtest-relay"
 def shard(items: list[str], spec: str | None) -> list[str]:
     """``i/n``: the split ``--shard`` makes in the services (ami.sharding)."""
     return select(sorted(items), None, parse_shard(spec) if spec else None)
-
-
-async def _monitor(broker: str, data: Path, metrics: Metrics, interval: float, refresh, done: asyncio.Event) -> None:
-    """One monitor connection, as every service has: status + metrics every interval, a last one at the end."""
-    status = topics.monitor_status(metrics.component, metrics.ident)
-    topic = topics.monitor_metrics(metrics.component, metrics.ident)
-    async with make_client(broker, user=None, data_dir=data, status_topic=status) as client:
-        await publish_status(client, metrics, "online")
-        while not done.is_set():
-            refresh()
-            await client.publish(topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(done.wait(), interval)
-        refresh()
-        await client.publish(topic, json.dumps(metrics.snapshot()).encode(), qos=1, retain=True)
-        await publish_status(client, metrics, "offline")
 
 
 class _Link:
@@ -138,7 +122,7 @@ async def run_pub(args: argparse.Namespace, stop: asyncio.Event) -> int:
         link.up = True
 
     done = asyncio.Event()
-    monitor = asyncio.create_task(_monitor(args.broker, args.data, metrics, args.metrics_interval, refresh, done))
+    monitor = asyncio.create_task(run_monitor(args.broker, None, args.data, metrics, args.metrics_interval, refresh, done))
     gate = asyncio.Semaphore(64)
     await asyncio.gather(*(connect(link, gate) for link in links.values()))
     publishers = [asyncio.create_task(publisher(link)) for link in links.values()]
@@ -207,7 +191,7 @@ async def run_sub(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 await client.__aexit__(None, None, None)
 
     done = asyncio.Event()
-    monitor = asyncio.create_task(_monitor(args.broker, args.data, metrics, args.metrics_interval, refresh, done))
+    monitor = asyncio.create_task(run_monitor(args.broker, None, args.data, metrics, args.metrics_interval, refresh, done))
     gate = asyncio.Semaphore(50)
     tasks = [asyncio.create_task(relay(c, gate)) for c in concentrators]
     try:
