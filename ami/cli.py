@@ -10,34 +10,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import load_config
+from ami.runtime.config import load_config
 
-#: subcommand -> (module, help).  Each module has add_arguments(parser) and main(args, config) -> int.
+#: subcommand -> (module, help).  The module has ``add_arguments(parser, config)`` and
+#: ``main(args, config) -> int``; ``"module:name"`` names ``add_name_arguments`` and ``name_main``
+#: instead, for a module that serves several subcommands.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "provision": ("ami.provision_cli", "generate factory keys, topology and bus credentials"),
-    "broker": ("ami.broker_cli", "run the embedded amqtt broker"),
+    "provision": ("ami.tools.provision", "generate factory keys, topology and bus credentials"),
+    "broker": ("ami.broker.cli", "run the embedded amqtt broker"),
     "meters": ("meters.cli", "run a fleet of virtual meters"),
     "concentrator": ("concentrator.cli", "run blind concentrator relays"),
     "headend": ("headend.cli", "run the head-end (central system)"),
-    "monitor": ("ami.dashboard", "live terminal dashboard of the monitor topics"),
-    "keys": ("ami.operator", "key operations (keys rotate ...)"),
-    "read": ("ami.operator_read", "on-demand read of a meter through the head-end"),
-    "tsp": ("ami.tsp", "local handheld session with one meter over CC_LOCALE"),
-    "loadtest": ("ami.loadtest.cli", "measure the whole pipeline under load"),
-    "attack": ("ami.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
+    "monitor": ("ami.tools.monitor", "live terminal dashboard of the monitor topics"),
+    "keys": ("ami.tools.operator:keys", "key operations (keys rotate ...)"),
+    "read": ("ami.tools.operator:read", "on-demand read of a meter through the head-end"),
+    "tsp": ("ami.tools.tsp", "local handheld session with one meter over CC_LOCALE"),
+    "loadtest": ("ami.tools.loadtest.cli", "measure the whole pipeline under load"),
+    "attack": ("ami.tools.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
 }
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
-    parser.add_argument(
-        "--broker", default=config.get("bus", {}).get("broker", "mqtt://127.0.0.1:1884"), help="mqtt://host:port"
-    )
-    parser.add_argument(
-        "--data", type=Path, default=Path(config.get("data", {}).get("dir", "data")), help="provisioned network folder"
-    )
-    parser.add_argument("--log-level", default="info")
 
 
 def build_parser(config: dict, command: str | None = None) -> argparse.ArgumentParser:
@@ -49,8 +42,17 @@ def build_parser(config: dict, command: str | None = None) -> argparse.ArgumentP
         p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module_name)
         if name == command:
-            importlib.import_module(module_name).add_arguments(p, config)
+            add_arguments, _main = _entry_points(module_name)
+            add_arguments(p, config)
     return parser
+
+
+def _entry_points(spec: str) -> tuple[Callable[..., None], Callable[..., int | None]]:
+    module_name, _, name = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if not name:
+        return module.add_arguments, module.main
+    return getattr(module, f"add_{name}_arguments"), getattr(module, f"{name}_main")
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = pre.parse_known_args(argv)
     config = load_config(known.config)
     args = build_parser(config, _command_in(argv)).parse_args(argv)
-    module = importlib.import_module(args._module)
-    return int(module.main(args, config) or 0)
+    _add_arguments, command_main = _entry_points(args._module)
+    return int(command_main(args, config) or 0)
 
 
 if __name__ == "__main__":

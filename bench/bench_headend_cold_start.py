@@ -31,8 +31,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ami.config import load_config  # noqa: E402
-from ami.provision import provision  # noqa: E402
+from ami.runtime.config import load_config  # noqa: E402
+from ami.tools.provision import provision  # noqa: E402
 from headend.service import HeadEndService  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=10.0, help="seconds; exit 1 if the restart is slower")
     parser.add_argument("--json", help="write the figures here ('-' for stdout)")
     args = parser.parse_args()
-    from ami.logs import configure_logging
+    from ami.runtime.logs import configure_logging
 
     configure_logging("warning")
     tmp = Path(tempfile.mkdtemp(prefix="ami-coldstart-"))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ami.vault import FileKeyVault, KeyVault, Pkcs11KeyVault
+from ami.security.vault import FileKeyVault, KeyVault, Pkcs11KeyVault
 
 SOFTHSM_LIB = os.environ.get("SOFTHSM2_LIB", "/usr/lib/softhsm/libsofthsm2.so")
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ami.bus import wait_for_broker
-from ami.cli import add_common_arguments
-from ami.logs import configure_logging, get_logger
-from ami.runner import run_service
+from ami.runtime.bus import wait_for_broker
+from ami.runtime.service import add_common_arguments
+from ami.runtime.logs import configure_logging, get_logger
+from ami.runtime.service import run_service
 
-from ami.sharding import parse_list, parse_shard
+from ami.runtime.sharding import parse_list, parse_shard
 
-from .relay import RelayProcess, RelaySettings
+from concentrator.relay import RelayProcess, RelaySettings
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:

@@ -28,17 +28,17 @@ from typing import Any
 
 import aiomqtt
 
-from ami.bus import make_client
-from ami.sharding import select
-from ami.logs import get_logger
-from ami.monitor import Metrics
+from ami.runtime.bus import make_client
+from ami.runtime.sharding import select
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics
 from ami.protocol import topics
 from ami.protocol.errors import MalformedMessage
 from ami.protocol.frames import MAX_APDU_SIZE  # the frame codec needs no crypto
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
-from ami.provision import load_network
+from ami.runtime.network import load_network
 
-from ami.monitor import run_monitor
+from ami.runtime.metrics import run_monitor
 
 log = get_logger("concentrator")
 

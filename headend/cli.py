@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ami.bus import wait_for_broker
-from ami.cli import add_common_arguments
-from ami.logs import configure_logging
-from ami.runner import run_service
+from ami.runtime.bus import wait_for_broker
+from ami.runtime.service import add_common_arguments
+from ami.runtime.logs import configure_logging
+from ami.runtime.service import run_service
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
-    from .service import HeadEndService
+    from headend.service import HeadEndService
 
     configure_logging(args.log_level)
     config = dict(config)

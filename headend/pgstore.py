@@ -50,9 +50,9 @@ import asyncpg
 import msgpack
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
-from ami.vault import KeyVault
+from ami.security.vault import KeyVault
 
-from .store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from headend.store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 
 __all__ = ["SCHEMA", "PostgresStore"]
 

@@ -21,16 +21,16 @@ from typing import Any
 import aiomqtt
 from hdrh.histogram import HdrHistogram
 
-from ami.bus import make_client, publish_all
-from ami.logs import get_logger
-from ami.monitor import Metrics, event_payload, publish_status
+from ami.runtime.bus import make_client, publish_all
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics, event_payload, publish_status
 from ami.protocol import topics
 from ami.protocol.messages import Batch, encode_batch
-from ami.provision import iter_factory_keys, load_network
-from ami.vault import open_vault
+from ami.runtime.network import iter_factory_keys, load_network
+from ami.security.vault import open_vault
 
-from .engine import HeadEndEngine, Policy
-from .store import open_store
+from ami.machines.headend import HeadEndEngine, Policy
+from headend.store import open_store
 
 log = get_logger("headend")
 MAX_COMMAND_BYTES = 64 * 1024

@@ -8,7 +8,7 @@ the store is consistent with itself: a reading is stored iff the counter
 that admitted it moved.
 
 sqlite3 is blocking, so every call runs on one dedicated thread
-(``_SingleThread``): the connection never crosses threads and the event loop
+(``ami.runtime.single_thread``): the connection never crosses threads and the event loop
 never waits on disk.
 """
 
@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
-from ami.vault import KeyVault
+from ami.runtime.single_thread import SingleThread
+from ami.security.vault import KeyVault
 
-from .records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 
 __all__ = ["Commit", "KeyRow", "MeterRow", "SessionRow", "Snapshot", "SqliteStore", "open_store"]
 
@@ -74,17 +74,6 @@ CREATE TABLE IF NOT EXISTS readings (
 """
 
 
-class _SingleThread:
-    def __init__(self, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-    async def run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
 class SqliteStore:
     """The default store.  ``path`` is a file (``:memory:`` is refused: the
     whole point is durability)."""
@@ -92,7 +81,7 @@ class SqliteStore:
     def __init__(self, path: Path, vault: KeyVault) -> None:
         self.path = Path(path)
         self.vault = vault
-        self._thread = _SingleThread("headend-store")
+        self._thread = SingleThread("headend-store")
         self._db: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
@@ -275,7 +264,7 @@ def open_store(spec: str, vault: KeyVault, data_dir: Path):
         path = Path(spec[len("sqlite:") :])
         return SqliteStore(path if path.is_absolute() else Path(data_dir) / path, vault)
     if spec.startswith(("postgresql://", "postgres://")):
-        from .pgstore import PostgresStore
+        from headend.pgstore import PostgresStore
 
         return PostgresStore(spec, vault)
     raise ValueError(f"unknown store {spec.split(':', 1)[0]!r}: use sqlite:PATH or postgresql://")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from ami.bus import wait_for_broker
-from ami.cli import add_common_arguments
-from ami.logs import configure_logging, get_logger
-from ami.runner import run_service
-from ami.sharding import parse_list, parse_shard
+from ami.runtime.bus import wait_for_broker
+from ami.runtime.service import add_common_arguments
+from ami.runtime.logs import configure_logging, get_logger
+from ami.runtime.service import run_service
+from ami.runtime.sharding import parse_list, parse_shard
 
-from .fleet import FleetSettings, run_fleet
+from meters.fleet import FleetSettings, run_fleet
 
 
 def _rate(text: str) -> float:

@@ -33,17 +33,17 @@ from typing import Any
 
 import aiomqtt
 
-from ami.bus import make_client
-from ami.sharding import select
-from ami.logs import get_logger
-from ami.monitor import Metrics
+from ami.runtime.bus import make_client
+from ami.runtime.sharding import select
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics
 from ami.protocol import MAX_APDU_SIZE, SecretBytes, topics
-from ami.provision import Network, iter_factory_keys, load_network
+from ami.runtime.network import Network, iter_factory_keys, load_network
 
-from .loadcurve import mix64, seed_for, unit
-from .meter import CipherCache, Meter, MeterConfig, MeterKeys, Output
-from ami.monitor import run_monitor
-from .nvm import Nvm, Record
+from ami.machines.loadcurve import mix64, seed_for, unit
+from ami.machines.meter import CipherCache, Meter, MeterConfig, MeterKeys, Output
+from ami.runtime.metrics import run_monitor
+from meters.nvm import Nvm, Record
 
 log = get_logger("meters.fleet")
 

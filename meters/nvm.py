@@ -23,18 +23,17 @@ its rows are copied here, and the claim is removed from the other files.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ami.protocol import KeyType, SecretBytes
+from ami.runtime.single_thread import SingleThread
 
-from .meter import CounterMark, KeyWrite, PersistItem
+from ami.machines.meter import CounterMark, KeyWrite, PersistItem
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (concentrator TEXT PRIMARY KEY, claimed_ns INTEGER NOT NULL);
@@ -75,13 +74,13 @@ class Nvm:
             raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
         self.path = Path(path)
         self.synchronous = synchronous.upper()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvm")
+        self._thread = SingleThread("nvm")
         self._db: sqlite3.Connection | None = None
         self.commits = 0
         self.rows = 0
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._thread.run(fn, *args)
 
     # --- open / claim ---------------------------------------------------------
 
@@ -267,7 +266,7 @@ class Nvm:
     async def close(self) -> None:
         if self._db is not None:
             await self._run(self._close)
-        self._executor.shutdown(wait=True)
+        self._thread.shutdown()
 
     def _close(self) -> None:
         if self._db is not None:

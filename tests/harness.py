@@ -24,7 +24,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from ami.bus import free_port, port_open
+from ami.runtime.bus import free_port, port_open
 
 AMI = [sys.executable, "-m", "ami.cli"]
 REPO = Path(__file__).resolve().parent.parent

@@ -79,11 +79,11 @@ from ami.protocol import (
     parse_apdu,
 )
 from ami.protocol.messages import Batch, encode_batch
-from ami.provision import HEADEND_TITLE, TSP_TITLE, concentrator_id, meter_id, meter_title
-from headend.engine import HeadEndEngine, Policy
-from headend.records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
-from meters import loadcurve
-from meters.meter import (
+from ami.runtime.network import HEADEND_TITLE, TSP_TITLE, concentrator_id, meter_id, meter_title
+from ami.machines.headend import HeadEndEngine, Policy
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from ami.machines import loadcurve
+from ami.machines.meter import (
     LAN_RECV,
     LAN_SEND,
     CipherCache,

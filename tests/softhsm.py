@@ -11,7 +11,7 @@
 Each token lives in its own directory under ``tmp_path`` with its own
 softhsm2.conf, pointed to by SOFTHSM2_CONF while the block runs, so tests
 never touch /var/lib/softhsm or each other.  SoftHSM2 reads SOFTHSM2_CONF in
-C_Initialize, and ami.vault finalizes the module when its last vault closes:
+C_Initialize, and ami.security.vault finalizes the module when its last vault closes:
 close every vault inside the block, or the next test still sees this token.
 """
 

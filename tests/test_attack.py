@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import AMI, REPO, Network, wait_until  # noqa: E402
 from softhsm import requires_softhsm, softhsm_token  # noqa: E402
 
-from ami import attack  # noqa: E402
+from ami.tools import attack  # noqa: E402
 from ami.protocol.keys import KeyType, SecretBytes  # noqa: E402
 from ami.protocol.messages import Reading, encode_message  # noqa: E402
-from ami.provision import HEADEND_TITLE, TSP_TITLE, iter_factory_keys, load_network  # noqa: E402
+from ami.runtime.network import HEADEND_TITLE, TSP_TITLE, iter_factory_keys, load_network  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
-ATTACK = [sys.executable, "-m", "ami.attack"]
+ATTACK = [sys.executable, "-m", "ami.tools.attack"]
 ENV = {
     "AMI__METERS__TIME_COMPRESSION": "1800",  # one 30-min interval per wall second
     "AMI__HEADEND__SESSION_MAX_FRAMES": "4",  # a session renewal (new AARQ) every 4 frames
@@ -242,7 +242,7 @@ def test_forged_reading_accepted_by_engine_loaded_from_stolen_store(run) -> None
 def real_meter(data: Path, meter: str):
     """Lab ground truth, not attacker knowledge: the meter as the fleet left it
     (factory keys overridden by its NVM: the CC_LAN it took, its counters)."""
-    from meters.meter import Meter, MeterConfig, MeterKeys
+    from ami.machines.meter import Meter, MeterConfig, MeterKeys
 
     rec = next(r for r in iter_factory_keys(data) if r["meter"] == meter)
     keys = MeterKeys(*(SecretBytes(bytes.fromhex(rec[k])) for k in ("ccc", "ak", "cc_lan", "cc_locale")))

@@ -27,15 +27,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from ami.broker import amqtt_config, broker_settings
-from ami.bus_auth import (
-    BusSecurity,
-    acl_allows,
-    bus_users,
-    filter_covers,
-    mosquitto_pbkdf2_hash,
-    write_bus_security,
-)
+from ami.broker.server import amqtt_config, broker_settings
+from ami.security.bus_acl import acl_allows, bus_users, filter_covers
+from ami.security.bus_files import BusSecurity, mosquitto_pbkdf2_hash, write_bus_security
 from harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +314,7 @@ class RunningBroker:
 def start_amqtt_broker(bus_dir: Path, log: Path) -> RunningBroker:
     port, tls_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "ami.broker", "--port", str(port), "--bus-dir", str(bus_dir),
+    cmd = [sys.executable, "-m", "ami.broker.server", "--port", str(port), "--bus-dir", str(bus_dir),
            "--tls-port", str(tls_port)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     wait_for_port(port, proc, log)
@@ -575,7 +569,7 @@ def test_relay_cannot_read_other_segment_uplink(
     spy = connect("relay-c0001", f"{R}/plc/c0001/up/+")
     codes = spy.subscribe(attack)
     if broker.kind == "amqtt":
-        assert codes == [0x80]  # refused outright by ami.amqtt_acl
+        assert codes == [0x80]  # refused outright by ami.broker.plugins
     relay2 = connect("relay-c0002", f"{R}/plc/c0002/up/+")
     plc1, plc2 = connect("plc-c0001"), connect("plc-c0002")
 
@@ -648,7 +642,7 @@ def test_will_cannot_bypass_publish_acl(connect: Callable[..., Client], broker: 
     headend = connect("headend", f"{R}/wan/+/up")
     attacker = Client(broker, "plc-c0001", bus.password("plc-c0001"), will=f"{R}/wan/c0001/up")
     if attacker.connect():
-        assert broker.kind != "amqtt", "ami.amqtt_acl must refuse a forbidden Will at CONNECT"
+        assert broker.kind != "amqtt", "ami.broker.plugins must refuse a forbidden Will at CONNECT"
         attacker.drop()
     relay = connect("relay-c0001")
     control = token()
@@ -698,7 +692,7 @@ def test_resumed_session_of_another_user_gets_nothing(connect: Callable[..., Cli
 
 def test_retained_messages_only_reach_their_subscribers(connect: Callable[..., Client]) -> None:
     """amqtt 0.12.1 replays retained messages to every new client for every
-    filter anyone holds; ami.broker.AclBroker confines that."""
+    filter anyone holds; ami.broker.server.AclBroker confines that."""
     topic = f"{R}/monitor/headend/retained-{uuid.uuid4().hex[:6]}"
     operator = connect("operator", f"{R}/monitor/#")
     headend = connect("headend")

@@ -24,7 +24,7 @@ from harness import free_port, wait_port
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 R = "ami/v1"
-FORBIDDEN = ("cryptography", "ami.protocol.cipher", "ami.protocol.channel", "ami.protocol.keys", "ami.vault",
+FORBIDDEN = ("cryptography", "ami.protocol.cipher", "ami.protocol.channel", "ami.protocol.keys", "ami.security.vault",
              "headend", "meters")
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,7 +75,7 @@ def test_ami_concentrator_command_loads_no_meter_or_headend_code() -> None:
     running command's module alone)."""
     code = textwrap.dedent(f"""
         from ami.cli import build_parser
-        from ami.config import load_config
+        from ami.runtime.config import load_config
         build_parser(load_config(), "concentrator").parse_args(["concentrator"])
         {_REPORT}
     """)
@@ -129,8 +129,8 @@ def wait_for(pred, timeout: float = 10.0):
 def network(tmp_path: Path):
     if not MOSQUITTO.exists():
         pytest.skip("mosquitto is not installed")
-    from ami.bus_auth import write_bus_security
-    from ami.provision import provision
+    from ami.security.bus_files import write_bus_security
+    from ami.tools.provision import provision
 
     data = tmp_path / "data"
     net = provision(data, meters=8, concentrators=2, bus_security=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ami.dashboard import MAX_INSTANCES, MonitorModel, render, summary_line
+from ami.tools.monitor import MAX_INSTANCES, MonitorModel, render, summary_line
 
 REPO = Path(__file__).resolve().parents[1]
 M = "ami/v1/monitor"
@@ -196,7 +196,7 @@ def test_empty_retained_payload_forgets_the_instance() -> None:
 
 
 def test_instances_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ami.dashboard.MAX_INSTANCES", 3)
+    monkeypatch.setattr("ami.tools.monitor.MAX_INSTANCES", 3)
     model = MonitorModel(clock=Clock())
     for i in range(5):
         model.update(f"{M}/meters/f{i}/status", b"online")
@@ -245,7 +245,7 @@ def _mosquitto_listening() -> bool:
 
 
 async def _publish(messages: list[tuple[str, bytes, bool]]) -> None:
-    from ami.bus import make_client
+    from ami.runtime.bus import make_client
 
     ident = f"test-dash-{uuid.uuid4().hex[:8]}"
     async with make_client("mqtt://127.0.0.1:1883", user=None, identifier=ident) as client:

@@ -23,7 +23,7 @@ from contextlib import closing
 
 import pytest
 
-from ami.vault import FileKeyVault
+from ami.security.vault import FileKeyVault
 from harness import AMI, REPO, Collector, Network, wait_port, wait_until
 from traffic import audit
 

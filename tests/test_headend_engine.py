@@ -24,7 +24,7 @@ from ami.protocol import (
     Reading,
 )
 from ami.protocol.messages import decode_batch
-from meters import loadcurve
+from ami.machines import loadcurve
 from sim import INTERVAL, Chaos, Drop, Network, NvmModel, Sim, Wire, default_policy
 
 pytestmark = pytest.mark.timeout(120)

@@ -40,7 +40,7 @@ from ami.protocol import (
 from ami.protocol._ber import encode_length
 from ami.protocol.frames import _SPECIFIC_TAGS
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
-from ami.provision import meter_title
+from ami.runtime.network import meter_title
 from sim import INTERVAL, Drop, Network, Sim, Wire, default_policy, find_key_material
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from ami.loadtest import hdr
-from ami.loadtest.report import SCHEMA, build_report, evaluate_thresholds, write_csv
-from ami.loadtest.run import mosquitto_config, pad_for, reading_frame_size
+from ami.tools.loadtest import hdr
+from ami.tools.loadtest.report import SCHEMA, build_report, evaluate_thresholds, write_csv
+from ami.tools.loadtest.run import mosquitto_config, pad_for, reading_frame_size
 from harness import AMI, REPO
 
 TOP_KEYS = {"schema", "machine", "config", "window", "frames", "throughput", "latency_ms", "processes", "headend",

@@ -51,9 +51,9 @@ from ami.protocol import (
     parse_apdu,
     seal_apdu,
 )
-from ami.provision import HEADEND_TITLE, TSP_TITLE, meter_title
-from meters import loadcurve
-from meters.meter import (
+from ami.runtime.network import HEADEND_TITLE, TSP_TITLE, meter_title
+from ami.machines import loadcurve
+from ami.machines.meter import (
     LAN_RECV,
     LAN_SEND,
     CipherCache,
@@ -681,8 +681,8 @@ def secured_network(tmp_path: Path):
     enforcing them on free ports (the fleet must live within its ACL)."""
     if not MOSQUITTO.exists():
         pytest.skip("mosquitto is not installed")
-    from ami.bus_auth import write_bus_security
-    from ami.provision import provision
+    from ami.security.bus_files import write_bus_security
+    from ami.tools.provision import provision
 
     data = tmp_path / "data"
     network = provision(data, meters=6, concentrators=2, bus_security=False)
@@ -787,7 +787,7 @@ def open_network(tmp_path: Path):
     """A provisioned network without bus authentication and our own Mosquitto."""
     if not MOSQUITTO.exists():
         pytest.skip("mosquitto is not installed")
-    from ami.provision import provision
+    from ami.tools.provision import provision
 
     data = tmp_path / "data"
     network = provision(data, meters=5, concentrators=1, bus_security=False)
@@ -889,7 +889,7 @@ def test_rate_mode_sets_compression_and_spreads_meters(open_network) -> None:
 def test_fleet_without_broker_stops_promptly(tmp_path: Path) -> None:
     """No broker at all: meters still run (and persist), frames pile up only
     to a bound, and SIGTERM-equivalent stop returns 0 without waiting long."""
-    from ami.provision import provision
+    from ami.tools.provision import provision
     from meters.fleet import Fleet, FleetSettings
 
     data = tmp_path / "data"

@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import AMI, REPO, Collector, Network, free_port, wait_port, wait_until  # noqa: E402
 
-from ami import attack  # noqa: E402
+from ami.tools import attack  # noqa: E402
 from ami.protocol.errors import AssociationRejected  # noqa: E402
 from ami.protocol.messages import Batch, encode_batch  # noqa: E402
-from ami.provision import iter_factory_keys, load_network  # noqa: E402
-from ami.tsp import tsp_session  # noqa: E402
+from ami.runtime.network import iter_factory_keys, load_network  # noqa: E402
+from ami.tools.tsp import tsp_session  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -243,7 +243,7 @@ def test_no_key_in_logs_monitor_messages_or_replies(tmp_path: Path) -> None:
                          topics=("ami/v1/monitor/#", "ami/v1/control/replies/#"))
     cap_path = tmp_path / "capture.msgpack"
     cap = subprocess.Popen(
-        [sys.executable, "-m", "ami.attack", "capture", "--broker", net.broker, "--data", str(net.data),
+        [sys.executable, "-m", "ami.tools.attack", "capture", "--broker", net.broker, "--data", str(net.data),
          "--out", str(cap_path), "--duration", "300", "--user", "relay-c0001", "--user", "relay-c0002"],
         cwd=REPO, env=net.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )

@@ -16,7 +16,7 @@ import pytest
 
 from ami.protocol.errors import AssociationRejected
 from ami.protocol.keys import SecretBytes
-from ami.tsp import load_local_keys, tsp_session
+from ami.tools.tsp import load_local_keys, tsp_session
 from harness import AMI, REPO, Network, wait_until
 
 pytestmark = pytest.mark.slow

@@ -31,7 +31,7 @@ import asyncpg
 import pytest
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
-from ami.vault import FileKeyVault
+from ami.security.vault import FileKeyVault
 from headend.pgstore import PostgresStore
 from headend.store import Commit, KeyRow, MeterRow, SessionRow, SqliteStore, open_store
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from ami import vault as vault_mod
-from ami.vault import (
+from ami.security import vault as vault_mod
+from ami.security.vault import (
     FileKeyVault,
     KeyVault,
     Pkcs11KeyVault,
@@ -251,7 +251,7 @@ def hsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-unt
         monkeypatch.setenv("AMI_HSM_PIN", str(tok["pin"]))
         yield tok
         # Every test closes its vaults: the token must be logged out again.
-        worker = vault_mod._get_worker()
+        worker = vault_mod.pkcs11._get_worker()
         assert worker.call(lambda: dict(worker.logins)) == {}
 
 
@@ -307,7 +307,7 @@ class TestPkcs11Vault:
         v2.close()
         # And a separate process, with its own login, finds the same KEK.
         code = (
-            "import sys; from ami.vault import open_vault\n"
+            "import sys; from ami.security.vault import open_vault\n"
             "v = open_vault(sys.argv[1])\n"
             "sys.stdout.write(v.unwrap(bytes.fromhex(sys.argv[2])).hex())\n"
             "v.close()\n"
@@ -407,7 +407,7 @@ class TestPkcs11Vault:
     def test_repr_shows_only_the_name(self, hsm: dict) -> None:
         v = open_vault(hsm_spec(hsm))
         assert repr(v) == str(v) == "<Pkcs11KeyVault pkcs11:ami/ami-kek>"
-        assert str(hsm["pin"]) not in repr(vault_mod._get_worker())
+        assert str(hsm["pin"]) not in repr(vault_mod.pkcs11._get_worker())
         v.close()
         with pytest.raises(VaultError, match="closed"):
             v.wrap(FIXED_KEY)

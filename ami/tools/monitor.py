@@ -102,7 +102,7 @@ class MonitorModel:
     """The latest state of the monitor topics, bounded in memory."""
 
     def __init__(self, *, recent: int = RECENT_EVENTS, clock: Callable[[], float] = time.time) -> None:
-        from .protocol import topics  # lazy: see the module docstring
+        from ami.protocol import topics  # lazy: see the module docstring
 
         self._prefix = f"{topics.ROOT}/monitor/"
         self._events_topic = topics.HEADEND_EVENTS
@@ -412,7 +412,7 @@ def render(s: dict[str, Any], max_rows: int = 30) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
-    from .cli import add_common_arguments
+    from ami.runtime.service import add_common_arguments
 
     add_common_arguments(parser, config)
     parser.add_argument(
@@ -432,8 +432,8 @@ def _emit(model: MonitorModel, as_json: bool) -> None:
 async def _run(args: argparse.Namespace, plain: bool) -> int:
     import aiomqtt
 
-    from .bus import make_client, wait_for_broker
-    from .protocol import topics
+    from ami.runtime.bus import make_client, wait_for_broker
+    from ami.protocol import topics
 
     # Started beside the broker (Procfile): give it a moment to listen.
     try:

@@ -1,26 +1,7 @@
-"""The head-end's key vault: the KEK that wraps every meter key kept at rest.
+"""``Pkcs11KeyVault``: the KEK is a non-extractable object in an HSM token (SoftHSM2 in CI).
 
-Why: the head-end database holds one AES key per meter.  If those rows were
-stored in clear, one leaked dump or backup would give away every meter.  So
-the database only ever holds *wrapped* keys (envelope encryption): each meter
-key is wrapped with RFC 3394 AES key wrap under one key-encryption key (KEK),
-and the KEK never goes into the database.
-
-RFC 3394 rather than e.g. AES-GCM: it is the standard for wrapping keys,
-needs no nonce (deterministic, so nothing to get wrong), carries a 64-bit
-integrity check, and every HSM implements it.  Both backends produce the
-same bytes for the same KEK, which the tests check against the RFC vector.
-
-Two backends:
-
-* ``FileKeyVault``: the KEK is 16 random bytes in a 0600 file.  For
-  development, tests and small deployments; the file must live outside the
-  database and its backups.
-* ``Pkcs11KeyVault``: the KEK is generated inside an HSM (SoftHSM2 in CI) as
-  a non-extractable, sensitive token object; it never leaves the token.
-
-Neither the key bytes, the KEK nor the HSM PIN ever appear in an exception
-message or a repr: a vault shows only its name.
+Every PKCS#11 call goes through one worker thread: the module is not
+thread-safe in practice (two threads at once fail, even with a double free).
 """
 
 from __future__ import annotations
@@ -29,229 +10,15 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.keywrap import (
-    InvalidUnwrap,
-    aes_key_unwrap,
-    aes_key_wrap,
-)
-
-__all__ = [
-    "KEK_LEN",
-    "FileKeyVault",
-    "KeyVault",
-    "Pkcs11KeyVault",
-    "VaultError",
-    "open_vault",
-]
-
-KEK_LEN = 16
-_KEY_LENS = (16, 24, 32)
-# RFC 3394 adds one 8-byte integrity block to the wrapped key.
-_WRAPPED_LENS = tuple(n + 8 for n in _KEY_LENS)
+from ami.security.vault._common import _INTEGRITY_FAILED, KEK_LEN, VaultError, _check_key, _check_wrapped, _VaultBase
 
 T = TypeVar("T")
-
-
-class VaultError(Exception):
-    """Any vault failure.  Messages name files, tokens and labels, never bytes."""
-
-    reason = "vault_error"
-
-
-@runtime_checkable
-class KeyVault(Protocol):
-    name: str
-
-    def wrap(self, key: bytes) -> bytes: ...
-
-    def unwrap(self, wrapped: bytes) -> bytes: ...
-
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]: ...
-
-    def close(self) -> None: ...
-
-
-def _check_key(key: bytes) -> bytes:
-    if not isinstance(key, (bytes, bytearray, memoryview)):
-        raise VaultError(f"key must be bytes, not {type(key).__name__}")
-    key = bytes(key)
-    if len(key) not in _KEY_LENS:
-        raise VaultError(f"key must be 16, 24 or 32 bytes, got {len(key)}")
-    return key
-
-
-def _check_wrapped(wrapped: bytes) -> bytes:
-    if not isinstance(wrapped, (bytes, bytearray, memoryview)):
-        raise VaultError(f"wrapped key must be bytes, not {type(wrapped).__name__}")
-    wrapped = bytes(wrapped)
-    if len(wrapped) not in _WRAPPED_LENS:
-        raise VaultError(f"wrapped key must be 24, 32 or 40 bytes, got {len(wrapped)}")
-    return wrapped
-
-
-_INTEGRITY_FAILED = "unwrap failed: integrity check failed (wrong KEK or corrupted blob)"
-
-
-class _VaultBase:
-    """repr and context manager shared by the backends."""
-
-    name: str
-
-    def __repr__(self) -> str:
-        # Only the name: no path contents, no handles, nothing secret.
-        return f"<{type(self).__name__} {self.name}>"
-
-    __str__ = __repr__
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def __enter__(self: T) -> T:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------
-# File backend
-# --------------------------------------------------------------------------
-
-
-class FileKeyVault(_VaultBase):
-    """KEK = 16 random bytes in a 0600 file, created on first use."""
-
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = Path(path)
-        self.name = f"file:{self.path}"
-        # A bytearray so close() can overwrite it (best effort: Python may
-        # have made copies, but at least the long-lived one is wiped).
-        self._kek: bytearray | None = bytearray(_load_or_create_kek(self.path, create))
-
-    def _key(self) -> bytes:
-        if self._kek is None:
-            raise VaultError(f"{self.name}: vault is closed")
-        return bytes(self._kek)
-
-    def wrap(self, key: bytes) -> bytes:
-        return aes_key_wrap(self._key(), _check_key(key))
-
-    def unwrap(self, wrapped: bytes) -> bytes:
-        try:
-            return aes_key_unwrap(self._key(), _check_wrapped(wrapped))
-        except InvalidUnwrap:
-            raise VaultError(_INTEGRITY_FAILED) from None
-
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]:
-        kek = self._key()
-        out = []
-        for i, blob in enumerate(wrapped):
-            try:
-                out.append(aes_key_unwrap(kek, _check_wrapped(blob)))
-            except InvalidUnwrap:
-                raise VaultError(f"{_INTEGRITY_FAILED} at index {i}") from None
-        return out
-
-    def close(self) -> None:
-        if self._kek is not None:
-            self._kek[:] = bytes(len(self._kek))
-            self._kek = None
-
-
-def _load_or_create_kek(path: Path, create: bool) -> bytes:
-    try:
-        return _read_kek(path)
-    except FileNotFoundError:
-        if not create:
-            raise VaultError(f"KEK file {path} does not exist") from None
-    _create_kek(path)
-    try:
-        return _read_kek(path)
-    except FileNotFoundError:  # e.g. a dangling symlink in the way
-        raise VaultError(f"KEK file {path} could not be created") from None
-
-
-def _read_kek(path: Path) -> bytes:
-    # Symlinks are followed on purpose (Kubernetes mounts secrets through
-    # them); the checks below are made on the file actually opened.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise VaultError(f"cannot open KEK file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # fstat on the open fd: no check/use race
-        if not stat.S_ISREG(st.st_mode):
-            raise VaultError(f"KEK file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            # Same rule as ssh: group/other access means someone else may have
-            # read (or replaced) the KEK, so refuse rather than carry on.
-            raise VaultError(
-                f"KEK file {path} has mode {mode:04o}: it must not be accessible "
-                f"by group or others (chmod 600 {path})"
-            )
-        if st.st_size != KEK_LEN:
-            # Exactly 16 bytes: a hex text file or a truncated write is refused
-            # instead of being silently used as a different key.
-            raise VaultError(
-                f"KEK file {path} is {st.st_size} bytes, expected {KEK_LEN} raw bytes"
-            )
-        kek = os.read(fd, KEK_LEN + 1)
-    finally:
-        os.close(fd)
-    if len(kek) != KEK_LEN:
-        raise VaultError(f"KEK file {path} changed size while being read")
-    return kek
-
-
-def _create_kek(path: Path) -> None:
-    """Write a fresh KEK so that no reader can ever see a partial file.
-
-    The bytes go to a private temp file (O_CREAT|O_EXCL, 0600), are fsynced,
-    then published with link(), which fails if the KEK already exists: two
-    head-ends starting at once agree on one KEK instead of overwriting.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask stripped owner bits
-        os.write(fd, secrets.token_bytes(KEK_LEN))
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won the race: use its KEK
-        _fsync_dir(path.parent)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------
-# PKCS#11 backend
-# --------------------------------------------------------------------------
 
 
 @dataclass
@@ -572,73 +339,26 @@ class Pkcs11KeyVault(_VaultBase):
         self._worker.logout(self._login)
 
 
-# --------------------------------------------------------------------------
-# Spec strings
-# --------------------------------------------------------------------------
+def secret_keys_visible_without_login(lib_path: str, token_label: str) -> int:
+    """Open a public (not logged-in) session on a token and count the secret
+    keys it can see.  Our KEK is a PRIVATE object, so the answer is 0 without
+    the PIN (``ami attack hsm`` shows it on a stolen copy of the token)."""
+    import pkcs11
+    from pkcs11 import ObjectClass
 
-_PKCS11_KEYS = {"lib", "token", "pin_env", "label", "create"}
+    worker = _get_worker()
 
+    def run() -> int:
+        lib = worker.libs.get(lib_path) or pkcs11.lib(lib_path)
+        worker.libs[lib_path] = lib
+        if not lib.initialized:
+            lib.initialize()
+        try:
+            tok = lib.get_token(token_label=token_label)
+            with tok.open() as session:
+                return len(list(session.get_objects({pkcs11.Attribute.CLASS: ObjectClass.SECRET_KEY})))
+        finally:
+            if not any(k[0] == lib_path for k in worker.logins):
+                lib.finalize()
 
-def open_vault(spec: str, *, data_dir: Path | None = None) -> KeyVault:
-    """Open a vault from a config string.
-
-    ``file:PATH`` - relative paths are resolved against ``data_dir``.
-    ``pkcs11:lib=/usr/lib/softhsm/libsofthsm2.so;token=ami;pin_env=AMI_HSM_PIN;label=ami-kek``
-    - the PIN is read from the named environment variable, never from the
-    spec.  Optional ``create=no`` refuses to generate a missing KEK.
-
-    Error messages never echo the spec: if someone pasted a PIN into it, it
-    must not end up in a log.
-    """
-    scheme, sep, rest = spec.partition(":")
-    if not sep:
-        raise VaultError("vault spec must start with 'file:' or 'pkcs11:'")
-    if scheme == "file":
-        return _open_file(rest, data_dir)
-    if scheme == "pkcs11":
-        return _open_pkcs11(rest)
-    raise VaultError(f"unknown vault scheme {scheme[:16]!r}: use 'file:' or 'pkcs11:'")
-
-
-def _open_file(rest: str, data_dir: Path | None) -> FileKeyVault:
-    if not rest:
-        raise VaultError("file: vault spec needs a path")
-    path = Path(rest).expanduser()
-    if not path.is_absolute():
-        if data_dir is None:
-            # Refuse to guess (cwd): a KEK created in the wrong place silently
-            # makes every stored key unreadable on the next start.
-            raise VaultError("relative file: vault path needs a data_dir")
-        path = Path(data_dir) / path
-    return FileKeyVault(path)
-
-
-def _open_pkcs11(rest: str) -> Pkcs11KeyVault:
-    params: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(";"))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if key == "pin":
-            raise VaultError("pkcs11: vault spec must not contain the PIN; use pin_env=VARIABLE")
-        if not sep or key not in _PKCS11_KEYS:
-            raise VaultError(
-                f"pkcs11: vault spec has an unknown item; allowed keys: {', '.join(sorted(_PKCS11_KEYS))}"
-            )
-        params[key] = value.strip()
-    missing = [k for k in ("lib", "token") if not params.get(k)]
-    if missing:
-        raise VaultError(f"pkcs11: vault spec is missing {', '.join(missing)}")
-    pin_env = params.get("pin_env") or "AMI_HSM_PIN"
-    pin = os.environ.get(pin_env)
-    if not pin:
-        raise VaultError(f"environment variable {pin_env} (HSM user PIN) is not set")
-    create = params.get("create", "yes").lower()
-    if create not in ("yes", "no", "true", "false", "1", "0"):
-        raise VaultError("pkcs11: vault spec create= must be yes or no")
-    return Pkcs11KeyVault(
-        params["lib"],
-        params["token"],
-        pin,
-        params.get("label") or "ami-kek",
-        create=create in ("yes", "true", "1"),
-    )
+    return worker.call(run)

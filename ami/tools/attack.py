@@ -28,7 +28,7 @@ Runnable evidence for docs/security.md, in three sub-actions:
 The report never contains key material: counts, ids and verdicts only.
 Add to ``ami/cli.py`` COMMANDS::
 
-    "attack": ("ami.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
+    "attack": ("ami.tools.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ import msgpack
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from .protocol import topics
-from .protocol.association import (
+from ami.protocol import topics
+from ami.protocol.association import (
     InitiateRequest,
     build_aarq,
     decode_initiate_request,
@@ -63,9 +63,9 @@ from .protocol.association import (
     parse_aare,
     parse_aarq,
 )
-from .protocol.cipher import Suite0Cipher
-from .protocol.errors import ProtocolError
-from .protocol.frames import (
+from ami.protocol.cipher import Suite0Cipher
+from ami.protocol.errors import ProtocolError
+from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_REQUEST,
@@ -73,7 +73,7 @@ from .protocol.frames import (
     parse_apdu,
     seal_apdu,
 )
-from .protocol.keys import (
+from ami.protocol.keys import (
     KeyId,
     KeyType,
     SecretBytes,
@@ -82,7 +82,7 @@ from .protocol.keys import (
     encode_key_transfer,
     key_type_for,
 )
-from .protocol.messages import (
+from ami.protocol.messages import (
     Batch,
     GapFillReply,
     KeyTransfer,
@@ -93,7 +93,7 @@ from .protocol.messages import (
     encode_batch,
     encode_message,
 )
-from .provision import FACTORY_FILE, HEADEND_TITLE, TSP_TITLE
+from ami.runtime.network import FACTORY_FILE, HEADEND_TITLE, TSP_TITLE
 
 #: What a relay or broker operator would like to read: every PLC and WAN topic.
 CAPTURE_FILTERS = ("ami/v1/plc/+/up/+", "ami/v1/plc/+/down/+", "ami/v1/wan/#")
@@ -111,7 +111,7 @@ def capture_filters(user: str | None) -> list[str]:
     may not subscribe to ``plc/+/up/+``, only to its own segment)."""
     filters = list(CAPTURE_FILTERS)
     if user:
-        from .bus_auth import permissions
+        from ami.security.bus_acl import permissions
 
         perms = permissions(user)
         for f in perms.subscribe if perms else ():
@@ -131,7 +131,7 @@ async def capture(
     ready: Any = None,
 ) -> dict[str, Any]:
     """Record every PLC/WAN message ``users`` may read until ``duration`` or ``stop``."""
-    from .bus import make_client
+    from ami.runtime.bus import make_client
 
     stop = stop or asyncio.Event()
     users = list(users) or [None]
@@ -775,7 +775,7 @@ async def forge_readings(dump: Dump, vault: Any, keys: Unwrapped, headend_title:
     """Impersonate every meter that has a session: seal a reading under its
     current session (IC above anything seen) and feed it to a head-end engine
     loaded, like the real one at start-up, from the stolen store."""
-    from headend.engine import HeadEndEngine, Policy
+    from ami.machines.headend import HeadEndEngine, Policy
     from headend.store import SqliteStore
 
     now = time.time() if now is None else now
@@ -832,7 +832,7 @@ def attacker_aarq(cc_lan: bytes, ak: bytes, headend_title: bytes, ic: int, sessi
 
 def take_over(victim: Any, *, ccc: bytes, ak: bytes, cc_lan: bytes, headend_title: bytes, ic: int,
               now: float = 0.0) -> dict[str, Any]:
-    """Associate with ``victim`` (a ``meters.meter.Meter``) under the CC_LAN from
+    """Associate with ``victim`` (a ``ami.machines.meter.Meter``) under the CC_LAN from
     the store and reprogram its CC_LAN under its CCC with the attacker's key."""
     if not victim.powered:
         victim.boot(now)
@@ -874,7 +874,7 @@ def meter_from_store(dump: Dump, keys: Unwrapped, meter: str, headend_title: byt
     """A meter model holding the keys the store says it holds (the attacker's
     belief), with the strictest receive counter compatible with the store:
     it has seen every CC_LAN counter value the head-end ever reserved."""
-    from meters.meter import LAN_RECV, Meter, MeterConfig, MeterKeys
+    from ami.machines.meter import LAN_RECV, Meter, MeterConfig, MeterKeys
 
     row = next(m for m in dump.meters if m[0] == meter)
     tx = max(k[6] for k in dump.keys if k[0] == meter and k[1] == "cc_lan" and k[3] == "active")
@@ -899,7 +899,7 @@ def takeover_all(dump: Dump, keys: Unwrapped, headend_title: bytes) -> dict[str,
         "key_transfer_acked": sum(bool(r.get("key_transfer_acked")) for r in results),
         "cc_lan_replaced": sum(bool(r.get("meter_cc_lan_is_attackers")) for r in results),
         "headend_locked_out": sum(bool(r.get("headend_locked_out")) for r in results),
-        "model": "meters.meter.Meter built from the store's keys, LAN receive counter at the stored tx_mark",
+        "model": "ami.machines.meter.Meter built from the store's keys, LAN receive counter at the stored tx_mark",
     }
 
 
@@ -1012,7 +1012,8 @@ def hsm_attack(dump: Dump, frames: list[Frame], *, vault_spec: str, token_copy: 
     used without the PIN.  ``live_pin``: the attacker on the live host with
     the PIN (read from the head-end's environment) can call the token.
     """
-    from .vault import Pkcs11KeyVault, VaultError
+    from ami.security.vault import Pkcs11KeyVault, VaultError
+    from ami.security.vault.pkcs11 import secret_keys_visible_without_login
 
     params = _pkcs11_params(vault_spec)
     lib, token, label = params["lib"], params["token"], params.get("label") or "ami-kek"
@@ -1034,7 +1035,7 @@ def hsm_attack(dump: Dump, frames: list[Frame], *, vault_spec: str, token_copy: 
                 v.close()
             at_rest["pin_guesses"] = len(guesses)
             at_rest["pin_guesses_refused"] = refused
-            at_rest["private_objects_visible_without_login"] = _objects_without_login(lib, token)
+            at_rest["private_objects_visible_without_login"] = secret_keys_visible_without_login(lib, token)
     kek_hits = sum(v.get("hits", 0) for v in at_rest.values() if isinstance(v, dict))
     pin_found = at_rest.get("pin_guesses", 0) - at_rest.get("pin_guesses_refused", 0)
     at_rest["keys_usable"] = len(dump.blobs) if kek_hits or pin_found else 0
@@ -1058,36 +1059,10 @@ def hsm_attack(dump: Dump, frames: list[Frame], *, vault_spec: str, token_copy: 
     return report
 
 
-def _objects_without_login(lib_path: str, token_label: str) -> int:
-    """Open a public (not logged-in) session on the token copy and count the
-    secret keys it can see: the KEK is PRIVATE, so none."""
-    import pkcs11
-    from pkcs11 import ObjectClass
-
-    from .vault import _get_worker
-
-    worker = _get_worker()
-
-    def run() -> int:
-        lib = worker.libs.get(lib_path) or pkcs11.lib(lib_path)
-        worker.libs[lib_path] = lib
-        if not lib.initialized:
-            lib.initialize()
-        try:
-            tok = lib.get_token(token_label=token_label)
-            with tok.open() as session:
-                return len(list(session.get_objects({pkcs11.Attribute.CLASS: ObjectClass.SECRET_KEY})))
-        finally:
-            if not any(k[0] == lib_path for k in worker.logins):
-                lib.finalize()
-
-    return worker.call(run)
-
-
 def _live_use(dump: Dump, frames: list[Frame], lib: str, token: str, label: str, pin: str) -> dict[str, Any]:
     from pkcs11 import Attribute, KeyType as P11KeyType, MechanismFlag, PKCS11Error
 
-    from .vault import Pkcs11KeyVault, VaultError
+    from ami.security.vault import Pkcs11KeyVault, VaultError
 
     vault = Pkcs11KeyVault(lib, token, pin, label, create=False)
     out: dict[str, Any] = {}
@@ -1149,7 +1124,7 @@ def _live_use(dump: Dump, frames: list[Frame], lib: str, token: str, label: str,
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
-    from .cli import add_common_arguments
+    from ami.runtime.service import add_common_arguments
 
     sub = parser.add_subparsers(dest="attack_command", required=True)
     cap = sub.add_parser("capture", help="record what a relay or broker operator sees")
@@ -1188,7 +1163,7 @@ def main(args: argparse.Namespace, config: dict) -> int:
 
 
 def _capture_main(args: argparse.Namespace) -> int:
-    from .runner import run_service
+    from ami.runtime.service import run_service
 
     result: dict[str, Any] = {}
 
@@ -1227,7 +1202,7 @@ def _store_main(args: argparse.Namespace) -> int:
     vault = None
     kek = args.kek.read_bytes() if args.kek else None
     if args.vault:
-        from .vault import open_vault
+        from ami.security.vault import open_vault
 
         vault = open_vault(args.vault, data_dir=args.data)
     try:
@@ -1324,7 +1299,7 @@ def human_summary(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m ami.attack ...` until ami/cli.py lists it
-    from .config import load_config
+    from ami.runtime.config import load_config
 
     _config = load_config()
     _parser = argparse.ArgumentParser(prog="ami attack", description=__doc__.splitlines()[0])

@@ -74,7 +74,7 @@ from ami.protocol import (
     seal_apdu,
 )
 
-from . import loadcurve
+from ami.machines import loadcurve
 
 # Durable counter slots (NVM rows), per meter.
 LAN_SEND = "lan_send"  # meter -> head-end under CC_LAN (boot events, AARE)

@@ -1,4 +1,4 @@
-"""amqtt 0.12.1 plugins that enforce the bus ACL table (ami.bus_auth).
+"""amqtt 0.12.1 plugins that enforce the bus ACL table (ami.security.bus_acl).
 
 Why not amqtt's stock TopicAccessControlListPlugin (all checked in 0.12.1):
   * its dataclass Config has only `acl` (subscribe, deprecated name) and
@@ -12,7 +12,7 @@ Why not amqtt's stock TopicAccessControlListPlugin (all checked in 0.12.1):
     its subscriptions; only a RECEIVE check stops that.
 AclTopicPlugin checks publish, subscribe and receive against the table;
 WillAclAuthPlugin refuses a CONNECT whose Will topic the user may not
-publish to.  Both are listed in the broker config built by ami.broker.
+publish to.  Both are listed in the broker config built by ami.broker.server.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from ami.bus_auth import acl_allows
+from ami.security.bus_acl import acl_allows
 
 
 class AclTopicPlugin(BaseTopicPlugin):

@@ -6,9 +6,11 @@ persist their counters and publish ``offline``; a second signal cancels.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 try:
     import uvloop
@@ -41,3 +43,13 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
     if uvloop is not None:
         return uvloop.run(_wrapper())
     return asyncio.run(_wrapper())
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    parser.add_argument(
+        "--broker", default=config.get("bus", {}).get("broker", "mqtt://127.0.0.1:1884"), help="mqtt://host:port"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=Path(config.get("data", {}).get("dir", "data")), help="provisioned network folder"
+    )
+    parser.add_argument("--log-level", default="info")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import hdr
+from ami.tools.loadtest import hdr
 
 SCHEMA = "ami-loadtest/1"
 CSV_COLUMNS = (

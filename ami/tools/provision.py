@@ -10,73 +10,31 @@ Writes into the output folder:
 * ``network.json``: the topology (which meters sit on which concentrator's
   PLC segment) and the system titles of the head-end and the handheld.
 * ``bus/``: MQTT credentials, ACLs and TLS material for amqtt and Mosquitto
-  (``ami.bus_auth``).
+  (``ami.security.bus_files``).
 
 Randomness comes from ``secrets``; nothing here is deterministic on purpose.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
-FACTORY_FILE = "factory-keys.jsonl"
-NETWORK_FILE = "network.json"
-#: System titles: 3 manufacturer letters + 5-byte serial (DLMS).
-METER_MANUFACTURER = b"SAG"
-HEADEND_TITLE = b"ENE" + bytes(5)
-TSP_TITLE = b"TSP" + (1).to_bytes(5, "big")
-
-
-def meter_id(n: int) -> str:
-    return f"m{n:06d}"
-
-
-def concentrator_id(n: int) -> str:
-    return f"c{n:04d}"
-
-
-def meter_title(n: int) -> bytes:
-    return METER_MANUFACTURER + n.to_bytes(5, "big")
-
-
-@dataclass(frozen=True, slots=True)
-class Network:
-    """What `network.json` holds: topology and system titles (no secrets)."""
-
-    headend_title: bytes
-    tsp_title: bytes
-    segments: dict[str, list[str]]  # concentrator -> meter ids
-    titles: dict[str, bytes]  # meter id -> system title
-
-    @property
-    def concentrators(self) -> list[str]:
-        return list(self.segments)
-
-    def concentrator_of(self) -> dict[str, str]:
-        return {m: c for c, ms in self.segments.items() for m in ms}
-
-
-def load_network(data_dir: Path) -> Network:
-    raw = json.loads((Path(data_dir) / NETWORK_FILE).read_text())
-    return Network(
-        headend_title=bytes.fromhex(raw["headend_system_title"]),
-        tsp_title=bytes.fromhex(raw["tsp_system_title"]),
-        segments={c: list(ms) for c, ms in raw["segments"].items()},
-        titles={m: bytes.fromhex(t) for m, t in raw["system_titles"].items()},
-    )
-
-
-def iter_factory_keys(data_dir: Path):
-    """Yield the factory records (dicts of hex strings) one by one."""
-    with open(Path(data_dir) / FACTORY_FILE, encoding="ascii") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
+from ami.runtime.network import (
+    FACTORY_FILE,
+    HEADEND_TITLE,
+    NETWORK_FILE,
+    TSP_TITLE,
+    Network,
+    concentrator_id,
+    load_network,
+    meter_id,
+    meter_title,
+)
 
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -127,7 +85,26 @@ def provision(out_dir: Path, meters: int, concentrators: int, *, bus_security: b
     }
     (out_dir / NETWORK_FILE).write_text(json.dumps(network, indent=1))
     if bus_security:
-        from .bus_auth import write_bus_security
+        from ami.security.bus_files import write_bus_security
 
         write_bus_security(out_dir, names)
     return load_network(out_dir)
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+    pcfg = config.get("provision", {})
+    parser.add_argument("--meters", type=int, default=int(pcfg.get("meters", 1000)))
+    parser.add_argument("--concentrators", type=int, default=int(pcfg.get("concentrators", 20)))
+    parser.add_argument("--out", type=Path, default=Path(config.get("data", {}).get("dir", "data")))
+    parser.add_argument("--no-bus-security", action="store_true", help="skip bus credentials, ACLs and TLS files")
+    parser.add_argument("--if-missing", action="store_true", help="do nothing when the folder is already provisioned")
+
+
+def main(args: argparse.Namespace, config: dict) -> int:
+    if args.if_missing and (args.out / "factory-keys.jsonl").exists():
+        print(f"{args.out}: already provisioned", file=sys.stderr)
+        return 0
+    network = provision(args.out, args.meters, args.concentrators, bus_security=not args.no_bus_security)
+    meters = sum(len(m) for m in network.segments.values())
+    print(f"provisioned {meters} meters on {len(network.segments)} concentrators in {args.out}", file=sys.stderr)
+    return 0

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from .protocol import topics
+from ami.protocol import topics
 
 
 @dataclass(frozen=True, slots=True)

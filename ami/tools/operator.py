@@ -16,9 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .bus import make_client
-from .cli import add_common_arguments
-from .protocol import topics
+from ami.runtime.bus import make_client
+from ami.runtime.service import add_common_arguments
+from ami.protocol import topics
 
 
 async def request(
@@ -39,7 +39,7 @@ async def request(
                     return
 
 
-def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
+def add_keys_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True)
     rotate = sub.add_parser("rotate", help="renew session keys or reprogram CC_LAN/CC_LOCALE/AK under CCC")
     add_common_arguments(rotate, config)
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     rotate.add_argument("--no-wait", action="store_true", help="return once the head-end accepted the command")
 
 
-def main(args: argparse.Namespace, config: dict) -> int:
+def keys_main(args: argparse.Namespace, config: dict) -> int:
     command = {"op": "rotate", "key": args.key, "meters": "all" if args.all else args.meter}
     return asyncio.run(_print_replies(args, command, until_done=not args.no_wait))
 

@@ -18,7 +18,7 @@ import msgpack
 
 
 def install(pad: int) -> None:
-    import meters.meter as meter_module
+    import ami.machines.meter as meter_module
     from ami.protocol.messages import VERSION, Reading, encode_message
 
     filler = bytes(pad)

@@ -45,10 +45,10 @@ import msgpack
 import paho.mqtt.client as paho
 import psutil
 
-from ami.bus import free_port, parse_broker_url, port_open
+from ami.runtime.bus import free_port, parse_broker_url, port_open
 from ami.protocol import topics
 
-from . import report as reportlib
+from ami.tools.loadtest import report as reportlib
 
 REPO = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -428,7 +428,7 @@ class LoadTest:
     # --- setup ---------------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        from ami.provision import provision
+        from ami.tools.provision import provision
 
         o = self.o
         base = o.workdir
@@ -492,7 +492,7 @@ class LoadTest:
         self.phase = "bare:start"
         self._bare_sub_ids = [f"{self.tag}-bare-relays-{i}" for i in range(1, o.relay_processes + 1)]
         self._bare_pub_ids = [f"{self.tag}-bare-fleet-{i}" for i in range(1, o.fleet_processes + 1)]
-        bare = [sys.executable, "-m", "ami.loadtest.bare"]
+        bare = [sys.executable, "-m", "ami.tools.loadtest.bare"]
         subs, pubs = [], []
         for i, ident in enumerate(self._bare_sub_ids, 1):
             shard = ["--shard", f"{i}/{o.relay_processes}"] if o.relay_processes > 1 else []
@@ -543,8 +543,8 @@ class LoadTest:
 
     def _fleet_shares(self) -> list[float]:
         """Each fleet process's share of the meters (its share of the rate)."""
-        from ami.provision import load_network
-        from ami.sharding import select
+        from ami.runtime.network import load_network
+        from ami.runtime.sharding import select
 
         network = load_network(self.data)
         n = self.o.fleet_processes
@@ -590,7 +590,7 @@ class LoadTest:
             shard = ["--shard", f"{i}/{o.fleet_processes}"] if o.fleet_processes > 1 else []
             args = self._ami("meters", "--id", ident, "--rate", str(o.rate * shares[i - 1]), "--stamp", *shard)
             if self.pad:
-                args = [sys.executable, "-m", "ami.loadtest.padded_meters", str(self.pad), *args[3:]]
+                args = [sys.executable, "-m", "ami.tools.loadtest.padded_meters", str(self.pad), *args[3:]]
             fleets.append(self._spawn(f"fleet-{i}", "fleet", "pipeline", args, env))
 
         def fleets_up() -> bool:

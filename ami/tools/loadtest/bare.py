@@ -1,6 +1,6 @@
 """The bare baseline: the fleet's and the relays' MQTT layout with nothing else.
 
-``python -m ami.loadtest.bare pub ...`` mimics one fleet process: one MQTT
+``python -m ami.tools.loadtest.bare pub ...`` mimics one fleet process: one MQTT
 connection per PLC segment it serves (subscribed, like the fleet's, to the
 segment's downlink and local-port filters) plus one monitor connection, and
 publishes random payloads of ``--size`` bytes on ``ami/v1/plc/{c}/up/{m}``
@@ -8,7 +8,7 @@ for every meter in turn at a constant aggregate ``--rate`` (the fleet's
 schedule), with the fleet's per-connection window of QoS 1 publishes in
 flight.  No sealing, no NVM, no meter state.
 
-``python -m ami.loadtest.bare sub ...`` mimics one relay process: one
+``python -m ami.tools.loadtest.bare sub ...`` mimics one relay process: one
 connection per concentrator subscribed to ``ami/v1/plc/{c}/up/+`` (and its
 WAN downlink topic, like a relay) plus one monitor connection; it only counts
 what it receives: no batching, no forwarding, no head-end.
@@ -31,19 +31,19 @@ from pathlib import Path
 
 import aiomqtt
 
-from ami.bus import make_client, wait_for_broker
-from ami.monitor import Metrics, run_monitor
+from ami.runtime.bus import make_client, wait_for_broker
+from ami.runtime.metrics import Metrics, run_monitor
 from ami.protocol import topics
-from ami.provision import load_network
-from ami.runner import run_service
-from ami.sharding import parse_shard, select
+from ami.runtime.network import load_network
+from ami.runtime.service import run_service
+from ami.runtime.sharding import parse_shard, select
 
 PUB_COMPONENT = "loadtest-fleet"
 SUB_COMPONENT = "loadtest-relay"
 
 
 def shard(items: list[str], spec: str | None) -> list[str]:
-    """``i/n``: the split ``--shard`` makes in the services (ami.sharding)."""
+    """``i/n``: the split ``--shard`` makes in the services (ami.runtime.sharding)."""
     return select(sorted(items), None, parse_shard(spec) if spec else None)
 
 
@@ -208,7 +208,7 @@ async def run_sub(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ami.loadtest.bare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ami.tools.loadtest.bare", description=__doc__.splitlines()[0])
     parser.add_argument("role", choices=["pub", "sub"])
     parser.add_argument("--broker", required=True)
     parser.add_argument("--data", type=Path, required=True)

@@ -1,7 +1,7 @@
 """What every service reports on ``ami/v1/monitor/...``.
 
 * ``.../{component}/{id}/status``: retained ``online``; the Last Will (set on
-  the connection by ``ami.bus.make_client``) turns it ``offline``.
+  the connection by ``ami.runtime.bus.make_client``) turns it ``offline``.
 * ``.../{component}/{id}/metrics``: a retained JSON snapshot every few
   seconds: counters, gauges, rejections by reason.
 * ``ami/v1/monitor/headend/events``: JSON events (rejections, key changes,
@@ -26,10 +26,10 @@ from typing import Any
 import aiomqtt
 import psutil
 
-from .bus import make_client
-from .logs import get_logger
-from .protocol import topics
-from .protocol.errors import ALL_REASONS
+from ami.runtime.bus import make_client
+from ami.runtime.logs import get_logger
+from ami.protocol import topics
+from ami.protocol.errors import ALL_REASONS
 
 log = get_logger("monitor")
 

@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    from .run import Options
+    from ami.tools.loadtest.run import Options
 
     if args.concentrators > args.meters:
         raise SystemExit("--concentrators cannot exceed --meters")
@@ -133,8 +133,8 @@ def options_from_args(args: argparse.Namespace):
 def main(args: argparse.Namespace, config: dict) -> int:
     from rich.console import Console
 
-    from . import report as reportlib
-    from .run import LoadTest, LoadTestError
+    from ami.tools.loadtest import report as reportlib
+    from ami.tools.loadtest.run import LoadTest, LoadTestError
 
     console = Console(stderr=True)
     options = options_from_args(args)
@@ -153,7 +153,7 @@ def main(args: argparse.Namespace, config: dict) -> int:
     if args.csv:
         reportlib.write_csv(report, args.csv)
     if args.plot:
-        from .plot import plot_report
+        from ami.tools.loadtest.plot import plot_report
 
         plot_report(report, args.plot)
     Console(file=sys.stdout).print(reportlib.summary_table(report))

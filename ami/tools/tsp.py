@@ -21,9 +21,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from .bus import make_client
-from .cli import add_common_arguments
-from .protocol import (
+from ami.runtime.bus import make_client
+from ami.runtime.service import add_common_arguments
+from ami.protocol import (
     AuthenticationFailed,
     Opener,
     ProtocolError,
@@ -33,18 +33,18 @@ from .protocol import (
     Suite0Cipher,
     topics,
 )
-from .protocol.association import (
+from ami.protocol.association import (
     InitiateRequest,
     build_aarq,
     decode_initiate_response,
     encode_initiate_request,
     parse_aare,
 )
-from .protocol.errors import AssociationRejected
-from .protocol.frames import GENERAL_DED_CIPHERING, GLO_INITIATE_REQUEST, parse_apdu, seal_apdu
-from .protocol.keys import KeyType, SecretBytes
-from .protocol.messages import ReadReply, ReadRequest, decode_message, encode_message
-from .provision import load_network
+from ami.protocol.errors import AssociationRejected
+from ami.protocol.frames import GENERAL_DED_CIPHERING, GLO_INITIATE_REQUEST, parse_apdu, seal_apdu
+from ami.protocol.keys import KeyType, SecretBytes
+from ami.protocol.messages import ReadReply, ReadRequest, decode_message, encode_message
+from ami.runtime.network import load_network
 
 COUNTER_BLOCK = 64
 
@@ -73,7 +73,7 @@ async def load_local_keys(data_dir: Path, config: dict, meter: str) -> tuple[int
     """(CC_LOCALE version, CC_LOCALE, AK) of a meter from the head-end's store."""
     from headend.store import open_store  # the central system hands the keys over
 
-    from .vault import open_vault
+    from ami.security.vault import open_vault
 
     hcfg = config.get("headend", {})
     vault = open_vault(hcfg.get("vault", "file:headend.kek"), data_dir=data_dir)

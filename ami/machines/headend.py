@@ -78,8 +78,8 @@ from ami.protocol.messages import (
     encode_message,
 )
 
-from .state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
-from .records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from ami.machines.headend_state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 
 GLOBAL_TYPES = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 ROTATABLE = {"session", "cc_lan", "cc_locale", "ak"}

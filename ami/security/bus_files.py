@@ -1,9 +1,6 @@
-"""Bus security material: who may say what on the MQTT bus, and the files
-that make both brokers (embedded amqtt, or Mosquitto) enforce it.
-
-The ACL table below is the single source of truth.  `acl_allows` evaluates it
-directly (the amqtt plugin in ami.amqtt_acl calls it); `write_bus_security`
-renders it into the formats each broker reads.  See docs/bus-security.md.
+"""Bus security files: credentials, password files, ACL files and TLS material
+that make both brokers (embedded amqtt, or Mosquitto) enforce the table of
+ami.security.bus_acl.  See docs/bus-security.md.
 """
 
 from __future__ import annotations
@@ -11,147 +8,21 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
-import functools
 import hashlib
 import ipaddress
 import json
 import os
 import pwd
-import re
 import secrets
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
-
-from ami.protocol.topics import ROOT
-
-Action = Literal["publish", "subscribe"]
-
-# Segment ids end up inside topic filters, so anything that is a topic
-# separator or wildcard ('/', '+', '#') must never get through.
-_SEGMENT_ID = re.compile(r"[A-Za-z0-9_.-]+")
+from typing import Any, Protocol
 
 
-@dataclass(frozen=True)
-class Permissions:
-    publish: tuple[str, ...]
-    subscribe: tuple[str, ...]
-
-
-# Per-segment identities: "{c}" is the concentrator id taken from the user name.
-_SEGMENT_ROLES: dict[str, Permissions] = {
-    # All meters of one PLC segment share one connection (and one identity).
-    "plc": Permissions(
-        publish=(f"{ROOT}/plc/{{c}}/up/+", f"{ROOT}/local/{{c}}/+/out"),
-        subscribe=(f"{ROOT}/plc/{{c}}/down/+", f"{ROOT}/local/{{c}}/+/in"),
-    ),
-    "relay": Permissions(
-        publish=(f"{ROOT}/plc/{{c}}/down/+", f"{ROOT}/wan/{{c}}/up"),
-        subscribe=(f"{ROOT}/plc/{{c}}/up/+", f"{ROOT}/wan/{{c}}/down"),
-    ),
-}
-
-_FIXED_ROLES: dict[str, Permissions] = {
-    "meters": Permissions(publish=(f"{ROOT}/monitor/meters/#",), subscribe=()),
-    "concentrator": Permissions(publish=(f"{ROOT}/monitor/concentrator/#",), subscribe=()),
-    "headend": Permissions(
-        publish=(f"{ROOT}/wan/+/down", f"{ROOT}/monitor/headend/#", f"{ROOT}/control/replies/#"),
-        subscribe=(f"{ROOT}/wan/+/up", f"{ROOT}/control/headend/commands"),
-    ),
-    "operator": Permissions(
-        publish=(f"{ROOT}/control/headend/commands",),
-        subscribe=(f"{ROOT}/control/replies/#", f"{ROOT}/monitor/#"),
-    ),
-    "tsp": Permissions(publish=(f"{ROOT}/local/+/+/in",), subscribe=(f"{ROOT}/local/+/+/out",)),
-    "monitor": Permissions(publish=(), subscribe=(f"{ROOT}/monitor/#",)),
-}
-
-FIXED_USERS: tuple[str, ...] = tuple(_FIXED_ROLES)
-
-
-def check_segment_id(concentrator: str) -> str:
-    if not _SEGMENT_ID.fullmatch(concentrator):
-        raise ValueError(f"invalid concentrator id {concentrator!r}")
-    return concentrator
-
-
-def bus_users(concentrators: Iterable[str]) -> list[str]:
-    """Every identity a network with these concentrators needs."""
-    users: list[str] = []
-    for c in concentrators:
-        check_segment_id(c)
-        users += [f"plc-{c}", f"relay-{c}"]
-    return users + list(FIXED_USERS)
-
-
-def permissions(user: str) -> Permissions | None:
-    """The table row for `user`, with the segment filled in; None if unknown."""
-    if user in _FIXED_ROLES:
-        return _FIXED_ROLES[user]
-    role, sep, c = user.partition("-")
-    if not sep or role not in _SEGMENT_ROLES or not _SEGMENT_ID.fullmatch(c):
-        return None
-    row = _SEGMENT_ROLES[role]
-    return Permissions(
-        publish=tuple(f.format(c=c) for f in row.publish),
-        subscribe=tuple(f.format(c=c) for f in row.subscribe),
-    )
-
-
-def _valid_filter(levels: list[str]) -> bool:
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
-
-
-def filter_covers(allowed: str, requested: str) -> bool:
-    """True if every topic matched by `requested` is also matched by `allowed`.
-
-    A concrete topic is a filter matching only itself, so this is also plain
-    topic matching.  Unlike amqtt's own ACL matcher, an allowed '+' does not
-    cover a requested '#' (that would widen a one-level grant to a subtree).
-    """
-    a_levels, r_levels = allowed.split("/"), requested.split("/")
-    if not _valid_filter(r_levels):
-        return False
-    for i, a in enumerate(a_levels):
-        if a == "#":
-            return True  # '#' also matches its parent level, so a shorter request is fine
-        if i >= len(r_levels):
-            return False
-        r = r_levels[i]
-        if r == "#":
-            return False  # a subtree request is only covered by '#'
-        if a != "+" and a != r:
-            return False  # literal must match literally; a requested '+' needs an allowed '+'
-    return len(r_levels) == len(a_levels)
-
-
-@functools.lru_cache(maxsize=65536)  # called per message by the amqtt plugin
-def acl_allows(user: str, action: Action, topic: str) -> bool:
-    """Whether `user` may publish to `topic`, or subscribe to the filter `topic`."""
-    perms = permissions(user) if user else None
-    if perms is None or not topic:
-        return False
-    if action == "publish":
-        if "+" in topic or "#" in topic:
-            return False  # wildcards are never valid in a PUBLISH topic
-        filters = perms.publish
-    elif action == "subscribe":
-        filters = perms.subscribe
-    else:
-        raise ValueError(f"unknown action {action!r}")
-    return any(filter_covers(f, topic) for f in filters)
-
-
-# --------------------------------------------------------------------------
-# Generated files
+from ami.security.bus_acl import bus_users, permissions
 
 
 class _TokenSource(Protocol):
@@ -262,7 +133,7 @@ def amqtt_acl_config(users: Iterable[str]) -> dict[str, Any]:
     """The table as the Config of amqtt's stock TopicAccessControlListPlugin.
 
     Exported for people running the stock `amqtt` broker; ami.broker itself
-    enforces the table with ami.amqtt_acl instead (see docs for why).  In
+    enforces the table with ami.broker.plugins instead (see docs for why).  In
     plugin-style config that plugin only accepts `acl` (subscribe) and
     `publish_acl`; `subscribe_acl`/`receive_acl` are rejected by its Config.
     """
@@ -277,7 +148,7 @@ def amqtt_acl_config(users: Iterable[str]) -> dict[str, Any]:
 
 
 def mosquitto_acl(users: Iterable[str]) -> str:
-    lines = ["# Generated by ami.bus_auth from the ACL table; do not edit.", ""]
+    lines = ["# Generated by ami.security.bus_files from the ACL table; do not edit.", ""]
     for user in users:
         perms = permissions(user)
         assert perms is not None, user
@@ -315,7 +186,7 @@ def _write_mosquitto_passwd(path: Path, passwords: dict[str, str]) -> None:
 def mosquitto_conf(sec: BusSecurity, *, mqtt_port: int, tls_port: int, host: str = "127.0.0.1") -> str:
     owner = pwd.getpwuid(os.geteuid()).pw_name
     return f"""\
-# Generated by ami.bus_auth.  Run: mosquitto -c {sec.mosquitto_conf}
+# Generated by ami.security.bus_files.  Run: mosquitto -c {sec.mosquitto_conf}
 # Mosquitto started as root drops to this user before it reads the password
 # file; the secrets here are 0600 and owned by whoever generated them.
 user {owner}

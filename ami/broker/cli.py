@@ -6,10 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from .bus import parse_broker_url
-from .cli import add_common_arguments
-from .logs import configure_logging, get_logger
-from .runner import run_service
+from ami.runtime.bus import parse_broker_url
+from ami.runtime.service import add_common_arguments
+from ami.runtime.logs import configure_logging, get_logger
+from ami.runtime.service import run_service
 
 
 class _DropPortProbes(logging.Filter):
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
-    from .broker import run_broker
+    from ami.broker.server import run_broker
 
     configure_logging(args.log_level)
     url = parse_broker_url(args.broker)

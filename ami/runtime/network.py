@@ -1,0 +1,65 @@
+"""A provisioned network as every service reads it: topology, system titles, factory keys.
+
+``ami provision`` (ami.tools.provision) writes these files; services only read
+them, so the read side lives here, below the services and the tools.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FACTORY_FILE = "factory-keys.jsonl"
+NETWORK_FILE = "network.json"
+#: System titles: 3 manufacturer letters + 5-byte serial (DLMS).
+METER_MANUFACTURER = b"SAG"
+HEADEND_TITLE = b"ENE" + bytes(5)
+TSP_TITLE = b"TSP" + (1).to_bytes(5, "big")
+
+
+def meter_id(n: int) -> str:
+    return f"m{n:06d}"
+
+
+def concentrator_id(n: int) -> str:
+    return f"c{n:04d}"
+
+
+def meter_title(n: int) -> bytes:
+    return METER_MANUFACTURER + n.to_bytes(5, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """What `network.json` holds: topology and system titles (no secrets)."""
+
+    headend_title: bytes
+    tsp_title: bytes
+    segments: dict[str, list[str]]  # concentrator -> meter ids
+    titles: dict[str, bytes]  # meter id -> system title
+
+    @property
+    def concentrators(self) -> list[str]:
+        return list(self.segments)
+
+    def concentrator_of(self) -> dict[str, str]:
+        return {m: c for c, ms in self.segments.items() for m in ms}
+
+
+def load_network(data_dir: Path) -> Network:
+    raw = json.loads((Path(data_dir) / NETWORK_FILE).read_text())
+    return Network(
+        headend_title=bytes.fromhex(raw["headend_system_title"]),
+        tsp_title=bytes.fromhex(raw["tsp_system_title"]),
+        segments={c: list(ms) for c, ms in raw["segments"].items()},
+        titles={m: bytes.fromhex(t) for m, t in raw["system_titles"].items()},
+    )
+
+
+def iter_factory_keys(data_dir: Path):
+    """Yield the factory records (dicts of hex strings) one by one."""
+    with open(Path(data_dir) / FACTORY_FILE, encoding="ascii") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
