@@ -36,19 +36,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
-from ami.protocol import (  # noqa: E402
-    GENERAL_DED_CIPHERING,
-    IC_LIMIT,
+from ami.protocol import (
+    decode_message,
+    encode_message,
     Opener,
-    Reading,
+    parse_apdu,
     ReceiveCounter,
     Sealer,
     SendCounter,
     Suite0Cipher,
-    decode_message,
-    encode_message,
-    parse_apdu,
 )
+from ami.protocol.counters import IC_LIMIT
+from ami.protocol.frames import GENERAL_DED_CIPHERING
+from ami.protocol.messages import Reading
 
 SESSION_KEY = bytes(range(16))
 AK = bytes(range(0xD0, 0xE0))

@@ -60,24 +60,23 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ami.protocol import (
+    decode_message,
+    KeyType,
+    open_apdu,
+    parse_apdu,
+    ProtocolError,
+    SecretBytes,
+    Suite0Cipher,
+)
+from ami.protocol.association import decode_initiate_request, parse_aare, parse_aarq
+from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_REQUEST,
     GLO_INITIATE_RESPONSE,
-    GapFillReply,
-    KeyState,
-    KeyType,
-    ProtocolError,
-    Reading,
-    SecretBytes,
-    Suite0Cipher,
-    decode_initiate_request,
-    decode_message,
-    open_apdu,
-    parse_aare,
-    parse_aarq,
-    parse_apdu,
 )
+from ami.protocol.keys import KeyState
+from ami.protocol.messages import GapFillReply, Reading
 from ami.protocol.messages import Batch, encode_batch
 from ami.runtime.network import HEADEND_TITLE, TSP_TITLE, concentrator_id, meter_id, meter_title
 from ami.machines.headend import HeadEndEngine, Policy

@@ -20,23 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ami.protocol import (
+from ami.protocol import encode_message, KeyType, parse_apdu, seal_apdu, SecretBytes, Suite0Cipher
+from ami.protocol.association import build_aare, encode_initiate_response, InitiateResponse
+from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_RESPONSE,
     MAX_APDU_SIZE,
-    Event,
-    InitiateResponse,
-    KeyType,
-    Reading,
-    SecretBytes,
-    Suite0Cipher,
-    build_aare,
-    encode_initiate_response,
-    encode_message,
-    parse_apdu,
-    seal_apdu,
 )
+from ami.protocol.messages import Event, Reading
 from ami.protocol._ber import encode_length
 from ami.protocol.frames import _SPECIFIC_TAGS
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch

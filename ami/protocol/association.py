@@ -26,6 +26,28 @@ from ._ber import decode_length, encode_length
 from .errors import MalformedFrame, MalformedMessage
 from .frames import MAX_APDU_SIZE, SYSTEM_TITLE_LEN
 
+__all__ = [
+    "AARE_TAG",
+    "AARQ_TAG",
+    "APP_CONTEXT_LN_CIPHERED",
+    "Aare",
+    "Aarq",
+    "DEFAULT_CONFORMANCE",
+    "DEFAULT_MAX_PDU",
+    "DLMS_VERSION",
+    "InitiateRequest",
+    "InitiateResponse",
+    "VAA_NAME_LN",
+    "build_aare",
+    "build_aarq",
+    "decode_initiate_request",
+    "decode_initiate_response",
+    "encode_initiate_request",
+    "encode_initiate_response",
+    "parse_aare",
+    "parse_aarq",
+]
+
 #: Logical-name referencing with ciphering (application context id 3).
 APP_CONTEXT_LN_CIPHERED = bytes.fromhex("60857405080103")
 AARQ_TAG = 0x60

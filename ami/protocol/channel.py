@@ -12,6 +12,11 @@ from .counters import ReceiveCounter, SendCounter
 from .errors import MalformedFrame, ReplayedFrame
 from .frames import CipheredApdu, open_apdu, seal_apdu
 
+__all__ = [
+    "Opener",
+    "Sealer",
+]
+
 
 class Sealer:
     __slots__ = ("cipher", "sender_title", "counter", "tag", "security_control")

@@ -32,6 +32,17 @@ from .security_control import (  # noqa: F401  (re-exported)
     check_security_control,
 )
 
+__all__ = [
+    "IV_LEN",
+    "KEY_LEN",
+    "SC_AUTH",
+    "SC_AUTH_ENC",
+    "SC_ENC",
+    "Suite0Cipher",
+    "TAG_LEN",
+    "check_security_control",
+]
+
 
 class Suite0Cipher:
     """Seal and open APDU bodies under one (encryption key, AK) pair.

@@ -23,6 +23,14 @@ from __future__ import annotations
 
 from .errors import CounterExhausted, CounterNotReserved, ReplayedFrame
 
+__all__ = [
+    "DEFAULT_BLOCK",
+    "DEFAULT_RENEW_AT",
+    "IC_LIMIT",
+    "ReceiveCounter",
+    "SendCounter",
+]
+
 IC_LIMIT = 1 << 32  # first value that does not fit the 32-bit IC field
 DEFAULT_BLOCK = 1024
 #: Renew a key well before its counter runs out (configurable per service).

@@ -8,6 +8,26 @@ what it contained: no error carries key material.
 
 from __future__ import annotations
 
+__all__ = [
+    "ALL_REASONS",
+    "AssociationRejected",
+    "AuthenticationFailed",
+    "CounterExhausted",
+    "CounterNotReserved",
+    "ExpiredKey",
+    "FrameTooLarge",
+    "KeyLifecycleError",
+    "MalformedFrame",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ProtocolError",
+    "ReplayedFrame",
+    "UnknownKey",
+    "UnknownMeter",
+    "UnsupportedSecurity",
+    "WrongSegment",
+]
+
 
 class ProtocolError(Exception):
     """Base of every error the core raises on bad input."""

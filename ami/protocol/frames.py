@@ -22,6 +22,24 @@ from ._ber import decode_length, encode_length
 from .errors import CounterExhausted, FrameTooLarge, MalformedFrame
 from .security_control import SC_AUTH_ENC, TAG_LEN, check_security_control
 
+__all__ = [
+    "CipheredApdu",
+    "DED_SERVICE_TAGS",
+    "GENERAL_DED_CIPHERING",
+    "GENERAL_GLO_CIPHERING",
+    "GLO_INITIATE_REQUEST",
+    "GLO_INITIATE_RESPONSE",
+    "GLO_SERVICE_TAGS",
+    "IC_MAX",
+    "MAX_APDU_SIZE",
+    "SYSTEM_TITLE_LEN",
+    "encode_apdu",
+    "iv_for",
+    "open_apdu",
+    "parse_apdu",
+    "seal_apdu",
+]
+
 if TYPE_CHECKING:  # parsing needs no cipher: the relay imports this module
     from .cipher import Suite0Cipher
 

@@ -27,6 +27,24 @@ from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap
 
 from .errors import AuthenticationFailed, KeyLifecycleError, MalformedMessage
 
+__all__ = [
+    "KEY_LEN",
+    "KeyId",
+    "KeySlot",
+    "KeyState",
+    "KeyType",
+    "REPROGRAMMABLE",
+    "SecretBytes",
+    "SecuritySetup",
+    "TRANSFER_TARGET",
+    "WRAPPED_LEN",
+    "decode_key_transfer",
+    "encode_key_transfer",
+    "key_type_for",
+    "unwrap_key",
+    "wrap_key",
+]
+
 KEY_LEN = 16
 WRAPPED_LEN = 24
 

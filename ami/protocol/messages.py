@@ -20,6 +20,28 @@ import msgpack
 from .errors import MalformedMessage, MessageTooLarge
 from .frames import MAX_APDU_SIZE
 
+__all__ = [
+    "Batch",
+    "EVENT_KINDS",
+    "Event",
+    "GapFillReply",
+    "GapFillRequest",
+    "KeyTransfer",
+    "KeyTransferAck",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_FRAMES",
+    "Message",
+    "ReadReply",
+    "ReadRequest",
+    "Reading",
+    "Release",
+    "VERSION",
+    "decode_batch",
+    "decode_message",
+    "encode_batch",
+    "encode_message",
+]
+
 VERSION = 1
 #: A WAN batch holds at most this many frames and bytes.
 MAX_BATCH_FRAMES = 4096

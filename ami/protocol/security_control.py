@@ -8,6 +8,16 @@ from __future__ import annotations
 
 from .errors import UnsupportedSecurity
 
+__all__ = [
+    "IV_LEN",
+    "KEY_LEN",
+    "SC_AUTH",
+    "SC_AUTH_ENC",
+    "SC_ENC",
+    "TAG_LEN",
+    "check_security_control",
+]
+
 TAG_LEN = 12
 KEY_LEN = 16
 IV_LEN = 12

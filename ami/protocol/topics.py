@@ -9,6 +9,32 @@ from __future__ import annotations
 
 import re
 
+__all__ = [
+    "CONTROL_REPLIES_FILTER",
+    "HEADEND_COMMANDS",
+    "HEADEND_EVENTS",
+    "MONITOR_FILTER",
+    "ROOT",
+    "WAN_DOWN_FILTER",
+    "WAN_UP_FILTER",
+    "control_reply",
+    "local_in",
+    "local_in_filter",
+    "local_out",
+    "monitor_metrics",
+    "monitor_status",
+    "parse_local",
+    "parse_plc_down",
+    "parse_plc_up",
+    "parse_wan",
+    "plc_down",
+    "plc_down_filter",
+    "plc_up",
+    "plc_up_filter",
+    "wan_down",
+    "wan_up",
+]
+
 ROOT = "ami/v1"
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 

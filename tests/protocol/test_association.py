@@ -6,22 +6,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami.protocol import (
+from ami.protocol.association import (
     Aare,
     Aarq,
-    InitiateRequest,
-    InitiateResponse,
-    MalformedFrame,
-    MalformedMessage,
     build_aare,
     build_aarq,
     decode_initiate_request,
     decode_initiate_response,
     encode_initiate_request,
     encode_initiate_response,
+    InitiateRequest,
+    InitiateResponse,
     parse_aare,
     parse_aarq,
 )
+from ami.protocol.errors import MalformedFrame, MalformedMessage
 from ami.protocol.association import APP_CONTEXT_LN_CIPHERED
 
 from ._util import FAST, keys16, secret, titles

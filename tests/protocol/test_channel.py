@@ -6,22 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami.protocol import (
-    GENERAL_DED_CIPHERING,
-    GENERAL_GLO_CIPHERING,
-    AuthenticationFailed,
-    CounterNotReserved,
-    MalformedFrame,
-    Opener,
-    ReceiveCounter,
-    ReplayedFrame,
-    Sealer,
-    SendCounter,
-    Suite0Cipher,
-    encode_apdu,
-    parse_apdu,
-    seal_apdu,
-)
+from ami.protocol import Opener, parse_apdu, ReceiveCounter, seal_apdu, Sealer, SendCounter, Suite0Cipher
+from ami.protocol.errors import AuthenticationFailed, CounterNotReserved, MalformedFrame, ReplayedFrame
+from ami.protocol.frames import encode_apdu, GENERAL_DED_CIPHERING, GENERAL_GLO_CIPHERING
 
 from ._util import FAST, secret
 

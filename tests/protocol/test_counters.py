@@ -15,14 +15,9 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ami.protocol import (
-    IC_LIMIT,
-    CounterExhausted,
-    CounterNotReserved,
-    ReceiveCounter,
-    ReplayedFrame,
-    SendCounter,
-)
+from ami.protocol import ReceiveCounter, SendCounter
+from ami.protocol.counters import IC_LIMIT
+from ami.protocol.errors import CounterExhausted, CounterNotReserved, ReplayedFrame
 from ami.protocol.counters import DEFAULT_BLOCK, DEFAULT_RENEW_AT
 from ami.protocol.frames import iv_for
 

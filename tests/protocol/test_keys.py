@@ -7,24 +7,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from ami.protocol import (
-    REPROGRAMMABLE,
-    TRANSFER_TARGET,
-    AuthenticationFailed,
-    InitiateRequest,
-    KeyId,
-    KeyLifecycleError,
-    KeySlot,
-    KeyState,
-    KeyType,
-    MalformedMessage,
-    ProtocolError,
-    SecretBytes,
-    SecuritySetup,
-    decode_initiate_request,
+from ami.protocol import KeyType, ProtocolError, SecretBytes
+from ami.protocol.association import decode_initiate_request, InitiateRequest
+from ami.protocol.errors import AuthenticationFailed, KeyLifecycleError, MalformedMessage
+from ami.protocol.keys import (
     decode_key_transfer,
     encode_key_transfer,
     key_type_for,
+    KeyId,
+    KeySlot,
+    KeyState,
+    REPROGRAMMABLE,
+    SecuritySetup,
+    TRANSFER_TARGET,
     unwrap_key,
     wrap_key,
 )

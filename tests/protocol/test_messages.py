@@ -9,24 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami.protocol import (
-    MAX_APDU_SIZE,
-    Batch,
+from ami.protocol import Batch, decode_batch, decode_message, encode_batch, encode_message
+from ami.protocol.errors import MalformedMessage, MessageTooLarge
+from ami.protocol.frames import MAX_APDU_SIZE
+from ami.protocol.messages import (
     Event,
     GapFillReply,
     GapFillRequest,
     KeyTransfer,
     KeyTransferAck,
-    MalformedMessage,
-    MessageTooLarge,
+    Reading,
     ReadReply,
     ReadRequest,
-    Reading,
     Release,
-    decode_batch,
-    decode_message,
-    encode_batch,
-    encode_message,
 )
 from ami.protocol.messages import EVENT_KINDS, MAX_BATCH_BYTES, MAX_BATCH_FRAMES, _make_reading
 

@@ -5,35 +5,35 @@ from __future__ import annotations
 import pytest
 
 from ami.protocol import (
-    GENERAL_DED_CIPHERING,
-    GENERAL_GLO_CIPHERING,
-    GLO_INITIATE_REQUEST,
-    GLO_INITIATE_RESPONSE,
-    InitiateRequest,
-    InitiateResponse,
-    KeyId,
+    open_apdu,
     Opener,
+    parse_apdu,
     ReceiveCounter,
-    SecretBytes,
+    seal_apdu,
     Sealer,
+    SecretBytes,
     SendCounter,
-    UnsupportedSecurity,
+)
+from ami.protocol.association import (
     build_aare,
     build_aarq,
     decode_initiate_request,
     decode_initiate_response,
-    decode_key_transfer,
     encode_initiate_request,
     encode_initiate_response,
-    encode_key_transfer,
-    open_apdu,
+    InitiateRequest,
+    InitiateResponse,
     parse_aare,
     parse_aarq,
-    parse_apdu,
-    seal_apdu,
-    unwrap_key,
-    wrap_key,
 )
+from ami.protocol.errors import UnsupportedSecurity
+from ami.protocol.frames import (
+    GENERAL_DED_CIPHERING,
+    GENERAL_GLO_CIPHERING,
+    GLO_INITIATE_REQUEST,
+    GLO_INITIATE_RESPONSE,
+)
+from ami.protocol.keys import decode_key_transfer, encode_key_transfer, KeyId, unwrap_key, wrap_key
 from ami.protocol.frames import iv_for
 
 from ._util import AK, EK, IC, SYSTEM_TITLE, VECTORS, cipher, secret
