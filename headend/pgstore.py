@@ -1,6 +1,8 @@
 """The head-end's durable store on PostgreSQL (asyncpg).
 
-Same interface and semantics as :class:`headend.store.SqliteStore`:
+Same interface (:class:`headend.store_api.Store`), semantics and SQL
+(:mod:`headend.store_sql`, with ``$n`` placeholders) as
+:class:`headend.store.SqliteStore`:
 
 * every key is wrapped with the vault (RFC 3394 under the KEK) *before* it
   is sent to the server, and unwrapped with one ``unwrap_many`` at load: the
@@ -8,12 +10,12 @@ Same interface and semantics as :class:`headend.store.SqliteStore`:
 * one :class:`Commit` is one transaction: readings, counter marks,
   lowest-acceptable values, sessions and gaps become visible together or not
   at all;
-* readings are ``INSERT ... ON CONFLICT DO NOTHING`` (SQLite's ``INSERT OR
-  IGNORE``): each ``(meter, seq)`` is stored once, the first copy wins, in a
-  batch as across batches;
-* new keys and sessions are upserts (``INSERT OR REPLACE``), key=None rows
-  are plain UPDATEs (of nothing if the row is missing), and the rows of a
-  Commit are applied in their list order.
+* readings are ``INSERT ... ON CONFLICT (meter, seq) DO NOTHING``: each
+  ``(meter, seq)`` is stored once, the first copy wins, in a batch as across
+  batches;
+* new keys and sessions are upserts (``ON CONFLICT ... DO UPDATE`` of every
+  column), key=None rows are plain UPDATEs (of nothing if the row is
+  missing), and the rows of a Commit are applied in their list order.
 
 Differences, all deliberate:
 
@@ -49,10 +51,11 @@ from typing import Any
 import asyncpg
 import msgpack
 
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
 from ami.security.vault import KeyVault
-
-from headend.store import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from headend import store_sql
+from headend.store_sql import numbered
 
 __all__ = ["SCHEMA", "PostgresStore"]
 
@@ -117,41 +120,25 @@ CREATE TEMP TABLE IF NOT EXISTS {_READINGS_IN} (
     received DOUBLE PRECISION NOT NULL
 ) ON COMMIT DELETE ROWS
 """
-_READING_COLUMNS = ("meter", "seq", "ts", "energy_wh", "power_w", "voltage_dv", "received")
+_READING_COLUMNS = store_sql.READING_COLUMNS
 _MOVE_READINGS = (
     f"INSERT INTO readings ({', '.join(_READING_COLUMNS)}) "
-    f"SELECT {', '.join(_READING_COLUMNS)} FROM pg_temp.{_READINGS_IN} ON CONFLICT DO NOTHING"
+    f"SELECT {', '.join(_READING_COLUMNS)} FROM pg_temp.{_READINGS_IN} ON CONFLICT (meter, seq) DO NOTHING"
 )
 # Below this many rows COPY's extra round trips cost more than they save
 # (measured crossover: between 50 and 200 rows).
 _COPY_THRESHOLD = 128
-_INSERT_READING = (
-    f"INSERT INTO readings ({', '.join(_READING_COLUMNS)}) VALUES ($1, $2, $3, $4, $5, $6, $7) "
-    "ON CONFLICT DO NOTHING"
-)
-
-_UPSERT_KEY = (
-    "INSERT INTO keys (meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-    "ON CONFLICT (meter, key_type, version) DO UPDATE SET state = EXCLUDED.state, "
-    "wrapped = EXCLUDED.wrapped, created = EXCLUDED.created, tx_mark = EXCLUDED.tx_mark, "
-    "rx_lowest = EXCLUDED.rx_lowest"
-)
-_UPDATE_KEY = (
-    "UPDATE keys SET state = $1, tx_mark = $2, rx_lowest = $3 WHERE meter = $4 AND key_type = $5 AND version = $6"
-)
-_DELETE_SESSION = "DELETE FROM sessions WHERE meter = $1 AND pending = $2"
-_UPSERT_SESSION = (
-    "INSERT INTO sessions (meter, pending, serial, wrapped, created, tx_mark, rx_lowest, frames, lan_version) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-    "ON CONFLICT (meter, pending) DO UPDATE SET serial = EXCLUDED.serial, wrapped = EXCLUDED.wrapped, "
-    "created = EXCLUDED.created, tx_mark = EXCLUDED.tx_mark, rx_lowest = EXCLUDED.rx_lowest, "
-    "frames = EXCLUDED.frames, lan_version = EXCLUDED.lan_version"
-)
-_UPDATE_SESSION = (
-    "UPDATE sessions SET tx_mark = $1, rx_lowest = $2, frames = $3 WHERE meter = $4 AND NOT pending AND serial = $5"
-)
-_UPDATE_METER = "UPDATE meters SET high_seq = $1, gaps = $2 WHERE meter = $3"
+_INSERT_READING = numbered(store_sql.INSERT_READING)
+_UPSERT_KEY = numbered(store_sql.UPSERT_KEY)
+_UPDATE_KEY = numbered(store_sql.UPDATE_KEY)
+_DELETE_SESSION = numbered(store_sql.DELETE_SESSION)
+_UPSERT_SESSION = numbered(store_sql.UPSERT_SESSION)
+_UPDATE_SESSION = numbered(store_sql.UPDATE_SESSION)
+_UPDATE_METER = numbered(store_sql.UPDATE_METER)
+_INSERT_METER = numbered(store_sql.INSERT_METER)
+_INSERT_FACTORY_KEY = numbered(store_sql.INSERT_FACTORY_KEY)
+_ACTIVE_VERSION = numbered(store_sql.ACTIVE_VERSION)
+_ACTIVE_KEY = numbered(store_sql.ACTIVE_KEY)
 
 # Serialises schema creation and factory imports between processes.
 _LOCK_ID = 0x6865_6164_656E_6400  # b"headend\0": any fixed bigint will do
@@ -270,20 +257,17 @@ class PostgresStore:
             # Read "known" under the lock so two head-ends starting at once
             # do not both import (and then collide on) the same meters.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-            known = {row[0] for row in await conn.fetch("SELECT meter FROM meters")}
+            known = {row["meter"] for row in await conn.fetch(store_sql.KNOWN_METERS)}
             fresh = [r for r in records if r["meter"] not in known]
             if not fresh:
                 return 0
             # Wrapping may be an HSM round trip per key: off the event loop.
             key_rows = await asyncio.to_thread(self._wrap_factory, fresh, now)
             await conn.executemany(
-                "INSERT INTO meters (meter, system_title, concentrator) VALUES ($1, $2, $3)",
+                _INSERT_METER,
                 [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
             )
-            await conn.executemany(
-                "INSERT INTO keys (meter, key_type, version, state, wrapped, created) VALUES ($1, $2, $3, $4, $5, $6)",
-                key_rows,
-            )
+            await conn.executemany(_INSERT_FACTORY_KEY, key_rows)
             return len(fresh)
 
     def _wrap_factory(self, fresh: list[dict[str, str]], now: float) -> list[tuple]:
@@ -301,21 +285,15 @@ class PostgresStore:
         pool = self._require_pool()
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             # One snapshot for the three tables.
-            meter_rows = await conn.fetch("SELECT meter, system_title, concentrator, high_seq, gaps FROM meters")
-            raw_keys = await conn.fetch(
-                "SELECT meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest FROM keys "
-                "WHERE state != 'expired'"
-            )
-            raw_sessions = await conn.fetch(
-                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames, pending, lan_version "
-                "FROM sessions"
-            )
+            meter_rows = await conn.fetch(store_sql.SELECT_METERS)
+            raw_keys = await conn.fetch(store_sql.SELECT_LIVE_KEYS)
+            raw_sessions = await conn.fetch(store_sql.SELECT_SESSIONS)
         meters = [
             MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
             for m, t, c, h, g in meter_rows
         ]
         # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
-        blobs = [bytes(r[4]) for r in raw_keys] + [bytes(r[2]) for r in raw_sessions]
+        blobs = [bytes(r["wrapped"]) for r in raw_keys] + [bytes(r["wrapped"]) for r in raw_sessions]
         clear = await asyncio.to_thread(self.vault.unwrap_many, blobs)
         keys = [
             KeyRow(m, KeyType(kt), v, KeyState(st), cr, tx, rx, SecretBytes(clear[i]))
@@ -397,19 +375,13 @@ class PostgresStore:
         return [tuple(r) for r in rows]
 
     async def active_version(self, meter: str, key_type: KeyType) -> int:
-        rows = await self.query(
-            "SELECT max(version) FROM keys WHERE meter = $1 AND key_type = $2 AND state = 'active'",
-            (meter, key_type.value),
-        )
+        rows = await self.query(_ACTIVE_VERSION, (meter, key_type.value))
         if not rows or rows[0][0] is None:
             raise KeyError(f"no active {key_type.value} for {meter}")
         return int(rows[0][0])
 
     async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
-        rows = await self.query(
-            "SELECT wrapped FROM keys WHERE meter = $1 AND key_type = $2 AND state = 'active' ORDER BY version",
-            (meter, key_type.value),
-        )
+        rows = await self.query(_ACTIVE_KEY, (meter, key_type.value))
         if not rows:
             raise KeyError(f"no active {key_type.value} for {meter}")
         return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))

@@ -10,6 +10,12 @@ that admitted it moved.
 sqlite3 is blocking, so every call runs on one dedicated thread
 (``ami.runtime.single_thread``): the connection never crosses threads and the event loop
 never waits on disk.
+
+The interface it shares with :class:`headend.pgstore.PostgresStore` is
+:class:`headend.store_api.Store` (open either with
+:func:`headend.store_api.open_store`); the SQL they share is in
+:mod:`headend.store_sql`.  :func:`read_store_file` reads a store file as it
+lies on disk, without the vault (what a copy of the file gives anyone).
 """
 
 from __future__ import annotations
@@ -17,18 +23,28 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Iterable
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
 from ami.runtime.single_thread import SingleThread
 from ami.security.vault import KeyVault
+from headend import store_sql
 
-from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
-
-__all__ = ["Commit", "KeyRow", "MeterRow", "SessionRow", "Snapshot", "SqliteStore", "open_store"]
+__all__ = [
+    "SqliteStore",
+    "StoreContents",
+    "StoredKey",
+    "StoredMeter",
+    "StoredReading",
+    "StoredSession",
+    "read_store_file",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meters (
@@ -118,7 +134,7 @@ class SqliteStore:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            known = {row[0] for row in db.execute("SELECT meter FROM meters")}
+            known = {meter for (meter,) in db.execute(store_sql.KNOWN_METERS)}
             fresh = [r for r in records if r["meter"] not in known]
             key_rows = []
             for r in fresh:
@@ -126,13 +142,10 @@ class SqliteStore:
                     raw = bytes.fromhex(r[key_type.value])
                     key_rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, self.vault.wrap(raw), now))
             db.executemany(
-                "INSERT INTO meters (meter, system_title, concentrator) VALUES (?, ?, ?)",
+                store_sql.INSERT_METER,
                 [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
             )
-            db.executemany(
-                "INSERT INTO keys (meter, key_type, version, state, wrapped, created) VALUES (?, ?, ?, ?, ?, ?)",
-                key_rows,
-            )
+            db.executemany(store_sql.INSERT_FACTORY_KEY, key_rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -148,19 +161,10 @@ class SqliteStore:
         db = self._db
         meters = [
             MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
-            for m, t, c, h, g in db.execute("SELECT meter, system_title, concentrator, high_seq, gaps FROM meters")
+            for m, t, c, h, g in db.execute(store_sql.SELECT_METERS)
         ]
-        raw_keys = list(
-            db.execute(
-                "SELECT meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest FROM keys "
-                "WHERE state != 'expired'"
-            )
-        )
-        raw_sessions = list(
-            db.execute(
-                "SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames, pending, lan_version FROM sessions"
-            )
-        )
+        raw_keys = list(db.execute(store_sql.SELECT_LIVE_KEYS))
+        raw_sessions = list(db.execute(store_sql.SELECT_SESSIONS))
         # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
         clear = self.vault.unwrap_many([r[4] for r in raw_keys] + [r[2] for r in raw_sessions])
         keys = [
@@ -186,46 +190,38 @@ class SqliteStore:
         db.execute("BEGIN")
         try:
             if batch.readings:
-                db.executemany(
-                    # ON CONFLICT, not OR IGNORE: only a duplicate (meter, seq) is
-                    # skipped; a malformed row must fail the whole commit.
-                    "INSERT INTO readings (meter, seq, ts, energy_wh, power_w, voltage_dv, received) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (meter, seq) DO NOTHING",
-                    batch.readings,
-                )
+                # ON CONFLICT, not OR IGNORE: only a duplicate (meter, seq) is
+                # skipped; a malformed row must fail the whole commit.
+                db.executemany(store_sql.INSERT_READING, batch.readings)
             for k in batch.keys:
                 if k.key is not None:
                     db.execute(
-                        "INSERT OR REPLACE INTO keys (meter, key_type, version, state, wrapped, created, tx_mark, "
-                        "rx_lowest) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        store_sql.UPSERT_KEY,
                         (k.meter, k.key_type.value, k.version, k.state.value, wrap(k.key), k.created, k.tx_mark,
                          k.rx_lowest),
                     )
                 else:
                     db.execute(
-                        "UPDATE keys SET state = ?, tx_mark = ?, rx_lowest = ? "
-                        "WHERE meter = ? AND key_type = ? AND version = ?",
+                        store_sql.UPDATE_KEY,
                         (k.state.value, k.tx_mark, k.rx_lowest, k.meter, k.key_type.value, k.version),
                     )
             for s in batch.sessions:
                 if s.deleted:
-                    db.execute("DELETE FROM sessions WHERE meter = ? AND pending = ?", (s.meter, int(s.pending)))
+                    db.execute(store_sql.DELETE_SESSION, (s.meter, int(s.pending)))
                 elif s.key is not None:
                     db.execute(
-                        "INSERT OR REPLACE INTO sessions (meter, pending, serial, wrapped, created, tx_mark, "
-                        "rx_lowest, frames, lan_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        store_sql.UPSERT_SESSION,
                         (s.meter, int(s.pending), s.serial, wrap(s.key), s.created, s.tx_mark, s.rx_lowest, s.frames,
                          s.lan_version),
                     )
                 else:
                     db.execute(
-                        "UPDATE sessions SET tx_mark = ?, rx_lowest = ?, frames = ? "
-                        "WHERE meter = ? AND pending = 0 AND serial = ?",
+                        store_sql.UPDATE_SESSION,
                         (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial),
                     )
             if batch.meters:
                 db.executemany(
-                    "UPDATE meters SET high_seq = ?, gaps = ? WHERE meter = ?",
+                    store_sql.UPDATE_METER,
                     [(m.high_seq, msgpack.packb(m.gaps) if m.gaps else None, m.meter) for m in batch.meters],
                 )
             db.execute("COMMIT")
@@ -236,35 +232,143 @@ class SqliteStore:
     # -- queries (tests, `ami tsp`, reports) ----------------------------------
 
     async def query(self, sql: str, params: tuple = ()) -> list[tuple[Any, ...]]:
+        """Run SQLite SQL with ``?`` placeholders; rows as tuples."""
         return await self._thread.run(lambda: list(self._db.execute(sql, params)))
 
     async def active_version(self, meter: str, key_type: KeyType) -> int:
-        rows = await self.query(
-            "SELECT max(version) FROM keys WHERE meter = ? AND key_type = ? AND state = 'active'",
-            (meter, key_type.value),
-        )
+        rows = await self.query(store_sql.ACTIVE_VERSION, (meter, key_type.value))
         if not rows or rows[0][0] is None:
             raise KeyError(f"no active {key_type.value} for {meter}")
         return int(rows[0][0])
 
     async def active_key(self, meter: str, key_type: KeyType) -> SecretBytes:
-        rows = await self.query(
-            "SELECT wrapped FROM keys WHERE meter = ? AND key_type = ? AND state = 'active' ORDER BY version DESC",
-            (meter, key_type.value),
-        )
+        rows = await self.query(store_sql.ACTIVE_KEY, (meter, key_type.value))
         if not rows:
             raise KeyError(f"no active {key_type.value} for {meter}")
         # In a thread: an HSM unwrap blocks.
         return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))
 
 
-def open_store(spec: str, vault: KeyVault, data_dir: Path):
-    """``sqlite:PATH`` (relative to the data folder) or ``postgresql://...``."""
-    if spec.startswith("sqlite:"):
-        path = Path(spec[len("sqlite:") :])
-        return SqliteStore(path if path.is_absolute() else Path(data_dir) / path, vault)
-    if spec.startswith(("postgresql://", "postgres://")):
-        from headend.pgstore import PostgresStore
+# -- a store file as it lies on disk (no vault) -----------------------------------
 
-        return PostgresStore(spec, vault)
-    raise ValueError(f"unknown store {spec.split(':', 1)[0]!r}: use sqlite:PATH or postgresql://")
+
+@dataclass(frozen=True, slots=True)
+class StoredMeter:
+    meter: str
+    system_title: bytes
+    concentrator: str
+    high_seq: int | None  # highest reading seq stored, None before the first
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A key row as stored: the key only wrapped (RFC 3394 under the KEK)."""
+
+    meter: str
+    key_type: str  # a KeyType value, as stored ("ccc", "ak", "cc_lan", "cc_locale")
+    version: int
+    state: str  # a KeyState value, as stored ("new", "active", "expired")
+    wrapped: bytes = field(repr=False)
+    created: float
+    tx_mark: int  # send counter reserved up to here
+    rx_lowest: int  # lowest receive counter still acceptable
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """A session row: the dedicated key only wrapped."""
+
+    meter: str
+    serial: int
+    wrapped: bytes = field(repr=False)
+    created: float
+    tx_mark: int
+    rx_lowest: int
+    frames: int
+    pending: bool  # offered in an AARQ, not yet confirmed (False in stores older than the column)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReading:
+    meter: str
+    seq: int
+    ts: int
+    energy_wh: int
+    power_w: int
+    voltage_dv: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreContents:
+    """What a SQLite store file holds, read without the vault.
+
+    Keys and sessions are as stored (wrapped); meters, counters and readings
+    are in clear.  Rows are ordered: meters by meter, keys by (meter, type,
+    version), sessions by (meter, serial), samples by (meter, seq).
+    """
+
+    path: Path
+    meters: tuple[StoredMeter, ...]
+    keys: tuple[StoredKey, ...]
+    sessions: tuple[StoredSession, ...]
+    reading_count: int
+    readings_per_meter: dict[str, int]
+    sample_readings: tuple[StoredReading, ...]  # the first few
+    last_readings: dict[str, StoredReading]  # meter -> its reading of highest seq
+    raw: bytes = field(repr=False)  # the file's bytes (database, then WAL), read before opening it
+
+    @property
+    def wrapped_blobs(self) -> list[bytes]:
+        """Every wrapped key: the key rows', then the sessions'."""
+        return [k.wrapped for k in self.keys] + [s.wrapped for s in self.sessions]
+
+
+def read_store_file(path: Path | str, *, samples: int = 3) -> StoreContents:
+    """Read a head-end SQLite store file with plain sqlite3: no KEK, no vault.
+
+    This is all a copy of the file gives anyone (``ami attack store`` reads
+    a stolen copy through it).  Point it at a copy: SQLite may checkpoint
+    the WAL into the main file when the connection closes.
+    """
+    path = Path(path)
+    raw = b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+    with closing(sqlite3.connect(path)) as db:
+        meters = tuple(
+            StoredMeter(m, bytes(t), c, h)
+            for m, t, c, h in db.execute(
+                "SELECT meter, system_title, concentrator, high_seq FROM meters ORDER BY meter"
+            )
+        )
+        keys = tuple(
+            StoredKey(m, kt, v, st, bytes(w), cr, tx, rx)
+            for m, kt, v, st, w, cr, tx, rx in db.execute(
+                "SELECT meter, key_type, version, state, wrapped, created, tx_mark, rx_lowest FROM keys "
+                "ORDER BY meter, key_type, version"
+            )
+        )
+        columns = {name for _cid, name, *_rest in db.execute("PRAGMA table_info(sessions)")}
+        pending = "pending" if "pending" in columns else "0"
+        sessions = tuple(
+            StoredSession(m, se, bytes(w), cr, tx, rx, fr, bool(p))
+            for m, se, w, cr, tx, rx, fr, p in db.execute(
+                f"SELECT meter, serial, wrapped, created, tx_mark, rx_lowest, frames, {pending} FROM sessions "
+                "ORDER BY meter, serial"
+            )
+        )
+        per_meter = dict(db.execute("SELECT meter, COUNT(*) FROM readings GROUP BY meter"))
+        reading_columns = "meter, seq, ts, energy_wh, power_w, voltage_dv"  # StoredReading's fields
+        sample = tuple(
+            StoredReading(*row)
+            for row in db.execute(f"SELECT {reading_columns} FROM readings ORDER BY meter, seq LIMIT ?", (samples,))
+        )
+        last = {
+            r.meter: r
+            for r in (
+                StoredReading(*row)
+                for row in db.execute(
+                    f"SELECT {reading_columns} FROM readings r WHERE seq = "
+                    "(SELECT MAX(seq) FROM readings WHERE meter = r.meter)"
+                )
+            )
+        }
+    return StoreContents(path, meters, keys, sessions, sum(per_meter.values()), per_meter, sample, last, raw)

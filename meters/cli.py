@@ -6,11 +6,9 @@ import argparse
 import asyncio
 
 from ami.runtime.bus import wait_for_broker
-from ami.runtime.service import add_common_arguments
 from ami.runtime.logs import configure_logging, get_logger
-from ami.runtime.service import run_service
+from ami.runtime.service import add_common_arguments, run_service
 from ami.runtime.sharding import parse_list, parse_shard
-
 from meters.fleet import FleetSettings, run_fleet
 
 
@@ -18,6 +16,13 @@ def _rate(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError("a rate is a probability in [0, 1]")
+    return value
+
+
+def _bytes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("a byte count is >= 0")
     return value
 
 
@@ -36,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     parser.add_argument("--rate", type=float, metavar="FPS",
                         help="load test: total readings/s, evenly spread (overrides compression and jitter)")
     parser.add_argument("--stamp", action="store_true", help="put sealed_ns (wall clock) in readings for latency")
+    parser.add_argument("--pad", type=_bytes, default=0, metavar="BYTES",
+                        help="load test: a 'pad' field of BYTES zero bytes in each pushed reading (sealed with it)")
     parser.add_argument("--tamper-rate", type=_rate, default=0.0,
                         help="probability per pushed reading of a tamper alarm")
     parser.add_argument("--outage-rate", type=_rate, default=0.0,
@@ -58,6 +65,7 @@ def settings_from_args(args: argparse.Namespace, config: dict) -> FleetSettings:
         jitter=args.jitter,
         rate=args.rate,
         stamp=args.stamp,
+        pad=args.pad,
         tamper_rate=args.tamper_rate,
         outage_rate=args.outage_rate,
         seed=args.seed,
@@ -65,7 +73,7 @@ def settings_from_args(args: argparse.Namespace, config: dict) -> FleetSettings:
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, log_format=args.log_format)
     log = get_logger("meters")
     settings = settings_from_args(args, config)
 

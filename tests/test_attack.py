@@ -275,7 +275,8 @@ def test_meter_accepts_attackers_key_transfer(run) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dump = attack.read_dump(attack.steal(data / "headend.db", Path(tmp)))
         keys = attack.unwrap_dump(dump, attack.RawKekVault((data / "headend.kek").read_bytes()))
-    for meter, *_ in dump.meters:
+    for row in dump.meters:
+        meter = row.meter
         victim = real_meter(data, meter)
         assert victim.keys.cc_lan != bytes.fromhex(
             next(r for r in iter_factory_keys(data) if r["meter"] == meter)["cc_lan"])  # rotated

@@ -20,36 +20,41 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ami.protocol import (
+    KeyType,
+    ReceiveCounter,
+    SecretBytes,
+    Suite0Cipher,
+    decode_message,
+    encode_message,
+    open_apdu,
+    parse_apdu,
+    seal_apdu,
+)
+from ami.protocol.association import (
+    InitiateRequest,
+    build_aarq,
+    decode_initiate_response,
+    encode_initiate_request,
+    parse_aare,
+)
+from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_REQUEST,
     MAX_APDU_SIZE,
+)
+from ami.protocol.keys import KeyId, encode_key_transfer
+from ami.protocol.messages import (
     Event,
     GapFillReply,
     GapFillRequest,
-    InitiateRequest,
-    KeyId,
     KeyTransfer,
     KeyTransferAck,
-    KeyType,
     Message,
     ReadReply,
     ReadRequest,
     Reading,
-    ReceiveCounter,
     Release,
-    SecretBytes,
-    Suite0Cipher,
-    build_aarq,
-    decode_initiate_response,
-    decode_message,
-    encode_initiate_request,
-    encode_key_transfer,
-    encode_message,
-    open_apdu,
-    parse_aare,
-    parse_apdu,
-    seal_apdu,
 )
 from ami.runtime.network import HEADEND_TITLE, TSP_TITLE, meter_title
 from ami.machines import loadcurve
@@ -292,6 +297,106 @@ def test_readings_stamped_with_wall_clock() -> None:
     rig = booted_and_associated()
     (frame,) = rig.meter.tick(T0, wall_ns=123456789).uplink
     assert rig.headend.open(frame).sealed_ns == 123456789
+
+
+PAD = 300
+
+
+def test_padded_readings_carry_the_pad_inside_the_seal() -> None:
+    """``MeterConfig.pad`` (``ami meters --pad``): each pushed reading gains a
+    ``pad`` field of zero bytes inside the sealed message, in the wire format
+    the load test's old encoder patch produced; peers decode it as the plain
+    reading.  Other frames keep their size."""
+    import msgpack
+
+    from ami.protocol.messages import VERSION
+
+    plain, padded = booted_and_associated(), booted_and_associated(pad=PAD)
+    (short,) = plain.meter.tick(T0, wall_ns=123456789).uplink
+    (long,) = padded.meter.tick(T0, wall_ns=123456789).uplink
+    reading = loadcurve.reading(padded.meter.profile, int(T0) // INTERVAL - 1, 123456789)
+    body = open_apdu(Suite0Cipher(padded.headend.session, padded.keys["ak"]), parse_apdu(long))
+    assert body == msgpack.packb({"t": "rd", **reading.to_map(), "pad": bytes(PAD), "v": VERSION}, use_bin_type=True)
+    unpadded = open_apdu(Suite0Cipher(plain.headend.session, plain.keys["ak"]), parse_apdu(short))
+    assert unpadded == encode_message(reading)
+    # Longer by the pad: its bytes, the "pad" key and a bin16 header (and the
+    # APDU's BER length field, 1 byte below 128, 3 above).
+    assert len(body) - len(encode_message(reading)) == PAD + 7
+    assert len(long) - len(short) == PAD + 7 + 2
+    assert padded.headend.open(long) == reading == plain.headend.open(short)
+    # Gap-fill replies (readings inside) and events are not padded.
+    k = int(T0) // INTERVAL - 4
+    replies = [rig.meter.on_downlink(rig.headend.dc(GapFillRequest(7, k, k + 2)), T0 + 1).uplink
+               for rig in (plain, padded)]
+    assert len(replies[0]) == 1 and [len(f) for f in replies[0]] == [len(f) for f in replies[1]]
+    gasps = [rig.meter.power_fail(T0 + 2, 60.0).uplink for rig in (plain, padded)]
+    assert len(gasps[0]) == 1 and [len(f) for f in gasps[0]] == [len(f) for f in gasps[1]]
+
+
+def test_padded_readings_are_stored_by_the_headend_engine() -> None:
+    """The head-end's engine takes a padded reading like any other."""
+    from ami.machines.headend import HeadEndEngine, Policy
+    from ami.machines.headend_records import KeyRow, MeterRow, Snapshot
+    from ami.protocol.keys import KeyState
+    from ami.protocol.messages import Batch, encode_batch
+
+    rig = make_rig(pad=PAD)
+    meter = rig.meter
+    engine = HeadEndEngine(HEADEND_TITLE, Policy(), lambda: os.urandom(16))
+    keys = [KeyRow(meter.ident, KeyType(kt), 1, KeyState.ACTIVE, T0 - 1, key=key) for kt, key in rig.keys.items()]
+    engine.load(Snapshot([MeterRow(meter.ident, meter.title, "c0001")], keys, []), T0)
+    now, batch, stored, sizes = T0, 0, [], []
+    uplink = list(meter.tick(now).uplink)
+    while not stored and now < T0 + 600:
+        if uplink:
+            batch += 1
+            sizes += [len(f) for f in uplink if f[0] == GENERAL_DED_CIPHERING]
+            engine.handle_batch(encode_batch(Batch("c0001", batch, tuple((meter.ident, f) for f in uplink))), now,
+                                "c0001")
+            uplink = []
+        engine.tick(now)
+        effects = engine.drain()
+        stored += effects.commit.readings
+        for _mid, frame in effects.downlink.get("c0001", []):
+            uplink += meter.on_downlink(frame, now).uplink
+        now += 1
+        if now >= meter.next_due:
+            uplink += meter.tick(now).uplink
+    assert engine.counters["frames_rejected"] == 0, engine.rejected
+    (row,) = stored
+    expected = loadcurve.reading(meter.profile, row[1])
+    assert row[:6] == (meter.ident, expected.seq, expected.ts, expected.energy_wh, expected.power_w,
+                       expected.voltage_dv)
+    assert sizes and min(sizes) > PAD
+
+
+def test_meters_cli_pad_reaches_every_meter(tmp_path: Path) -> None:
+    """``ami meters --pad BYTES`` -> FleetSettings.pad -> every meter's MeterConfig.pad."""
+    import argparse
+
+    from ami.tools.provision import provision
+    from meters.cli import add_arguments, settings_from_args
+    from meters.fleet import Fleet
+
+    data = tmp_path / "data"
+    provision(data, meters=3, concentrators=1, bus_security=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, {})
+    assert parser.parse_args([]).pad == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--pad", "-1"])
+    args = parser.parse_args(["--data", str(data), "--broker", f"mqtt://127.0.0.1:{free_port()}", "--pad", "512"])
+    settings = settings_from_args(args, {})
+    assert settings.pad == 512
+
+    async def main() -> Fleet:
+        fleet = Fleet(settings)
+        await fleet.setup()
+        await fleet.nvm.close()
+        return fleet
+
+    fleet = asyncio.run(main())
+    assert len(fleet.meters) == 3 and {m.config.pad for m in fleet.meters} == {512}
 
 
 def test_gap_fill_answered_from_history_in_chunks() -> None:

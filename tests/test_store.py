@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import inspect
 import re
 import secrets
 import shutil
@@ -32,8 +33,11 @@ import pytest
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
 from ami.security.vault import FileKeyVault
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow
+from headend import store_sql
 from headend.pgstore import PostgresStore
-from headend.store import Commit, KeyRow, MeterRow, SessionRow, SqliteStore, open_store
+from headend.store import SqliteStore, StoredReading, read_store_file
+from headend.store_api import Store, open_store
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 PG_UNREACHABLE = "PostgreSQL not reachable at 127.0.0.1:5432"
@@ -166,6 +170,36 @@ async def count(backend: Backend, store, table: str) -> int:
 def test_open_store_dispatches(backend: Backend) -> None:
     store = backend.new_store()
     assert isinstance(store, SqliteStore if backend.name == "sqlite" else PostgresStore)
+    assert isinstance(store, Store)
+
+
+def _public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in inspect.getmembers(cls, inspect.isfunction)
+        if not name.startswith("_")
+    }
+
+
+@pytest.mark.parametrize("cls", [SqliteStore, PostgresStore])
+def test_both_backends_implement_the_store_protocol(cls: type) -> None:
+    """Structurally, not by inheritance: the same public methods as Store,
+    each a coroutine function with the same parameters, defaults and
+    annotations (and no public method the Protocol does not list)."""
+    wanted = _public_methods(Store)
+    assert set(wanted) == {"open", "close", "import_factory", "load", "commit", "query", "active_version",
+                           "active_key"}
+    assert _public_methods(cls) == wanted
+    for name in wanted:
+        assert inspect.iscoroutinefunction(getattr(cls, name)), name
+
+
+def test_shared_sql_numbers_placeholders() -> None:
+    assert store_sql.numbered("UPDATE t SET a = ? WHERE b = ? AND c = ?") == (
+        "UPDATE t SET a = $1 WHERE b = $2 AND c = $3"
+    )
+    assert "$7" in store_sql.numbered(store_sql.INSERT_READING)
+    assert "?" not in store_sql.numbered(store_sql.UPSERT_SESSION)
 
 
 def test_import_factory_is_idempotent(backend: Backend) -> None:
@@ -313,6 +347,28 @@ def test_key_rows_insert_update_expire(backend: Backend) -> None:
             lan = mine[(KeyType.CC_LAN, 1)]
             assert (lan.key, lan.created, lan.tx_mark, lan.rx_lowest) == (replaced, NOW + 2, 7, 8)
             assert len(snap.keys) == 8  # 2 meters x 4, the expired AK v1 out, the AK v2 in
+
+    run(body())
+
+
+def test_active_key_is_the_newest_active_version(backend: Backend) -> None:
+    """Should two versions ever both be ACTIVE, active_key and active_version
+    agree on the newest (PostgresStore once took the oldest: ``ORDER BY
+    version`` without DESC)."""
+    records = factory_records(1)
+    m = records[0]["meter"]
+    v3, v2 = (SecretBytes(secrets.token_bytes(16)) for _ in range(2))
+
+    async def body() -> None:
+        async with backend.opened() as store:
+            await store.import_factory(records, NOW)
+            # Inserted out of order, so neither storage nor insertion order gives the answer.
+            await store.commit(Commit(keys=[KeyRow(m, KeyType.CC_LOCALE, 3, KeyState.ACTIVE, NOW, key=v3),
+                                            KeyRow(m, KeyType.CC_LOCALE, 2, KeyState.ACTIVE, NOW, key=v2)]))
+            assert await store.active_version(m, KeyType.CC_LOCALE) == 3
+            assert await store.active_key(m, KeyType.CC_LOCALE) == v3
+            with pytest.raises(KeyError):
+                await store.active_version(m + "x", KeyType.CC_LOCALE)
 
     run(body())
 
@@ -533,6 +589,43 @@ async def _pg_dump_selects(store: PostgresStore, schema: str) -> tuple[bytes, li
         for (text,) in await store.query(f'SELECT t::text FROM "{schema}"."{table}" AS t'):
             out += text.encode()
     return bytes(out), blobs
+
+
+def test_read_store_file_needs_no_vault(tmp_path: Path) -> None:
+    """The public reader of a SQLite store file (``ami attack store`` uses it):
+    named rows, keys as stored (wrapped), readings in clear."""
+    records = factory_records(2)
+    m1, m2 = (r["meter"] for r in records)
+    session_key = SecretBytes(secrets.token_bytes(16))
+
+    with _backend("sqlite", tmp_path) as backend:
+        async def body() -> None:
+            async with backend.opened() as store:
+                await store.import_factory(records, NOW)
+                await store.commit(Commit(readings=[reading(m1, s, 10 * s) for s in range(5)] + [reading(m2, 3)],
+                                          sessions=[SessionRow(m1, 4, NOW, 100, 7, 9, key=session_key)],
+                                          meters=[MeterRow(m1, b"", "", 4, [])]))
+
+        run(body())
+        contents = read_store_file(backend.db_path, samples=2)
+    assert contents.path == backend.db_path
+    assert [(m.meter, m.system_title.hex(), m.concentrator) for m in contents.meters] == [
+        (r["meter"], r["system_title"], r["concentrator"]) for r in records
+    ]
+    assert [m.high_seq for m in contents.meters] == [4, None]
+    assert [(k.meter, k.key_type, k.version, k.state) for k in contents.keys] == sorted(
+        (r["meter"], kt.value, 1, "active") for r in records for kt in FACTORY_TYPES
+    )
+    (s,) = contents.sessions
+    assert (s.meter, s.serial, s.tx_mark, s.rx_lowest, s.frames, s.pending) == (m1, 4, 100, 7, 9, False)
+    clear = [bytes.fromhex(r[kt.value]) for r in records for kt in FACTORY_TYPES] + [bytes(session_key)]
+    assert len(contents.wrapped_blobs) == 9 and not set(contents.wrapped_blobs) & set(clear)
+    assert contents.reading_count == 6 and contents.readings_per_meter == {m1: 5, m2: 1}
+    assert contents.sample_readings == (StoredReading(m1, 0, 1_700_000_000, 0, 500, 2301),
+                                        StoredReading(m1, 1, 1_700_000_001, 10, 500, 2301))
+    assert contents.last_readings[m1].seq == 4 and contents.last_readings[m2].energy_wh == 0
+    assert "wrapped" not in repr(contents.keys[0]) and "raw" not in repr(contents)
+    assert all(w in contents.raw for w in contents.wrapped_blobs)
 
 
 def test_no_key_in_a_raw_dump(backend: Backend) -> None:

@@ -31,50 +31,55 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from ami.machines import loadcurve
 from ami.protocol import (
+    KeyType,
+    ProtocolError,
+    ReceiveCounter,
+    SecretBytes,
+    SendCounter,
+    Suite0Cipher,
+    decode_message,
+    encode_message,
+    open_apdu,
+    parse_apdu,
+    seal_apdu,
+)
+from ami.protocol.association import (
+    InitiateResponse,
+    build_aare,
+    decode_initiate_request,
+    encode_initiate_response,
+    parse_aarq,
+)
+from ami.protocol.counters import IC_LIMIT
+from ami.protocol.errors import (
+    AuthenticationFailed,
+    MalformedFrame,
+    MalformedMessage,
+    ReplayedFrame,
+    UnknownKey,
+)
+from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_REQUEST,
     GLO_INITIATE_RESPONSE,
-    IC_LIMIT,
     MAX_APDU_SIZE,
-    AuthenticationFailed,
     CipheredApdu,
+)
+from ami.protocol.keys import SecuritySetup, decode_key_transfer, key_type_for
+from ami.protocol.messages import (
     Event,
     GapFillReply,
     GapFillRequest,
-    InitiateResponse,
     KeyTransfer,
     KeyTransferAck,
-    KeyType,
-    MalformedFrame,
-    MalformedMessage,
     Message,
-    ProtocolError,
     ReadReply,
     ReadRequest,
-    ReplayedFrame,
-    ReceiveCounter,
     Release,
-    SecretBytes,
-    SecuritySetup,
-    SendCounter,
-    Suite0Cipher,
-    UnknownKey,
-    build_aare,
-    decode_initiate_request,
-    decode_key_transfer,
-    decode_message,
-    encode_initiate_response,
-    encode_message,
-    key_type_for,
-    open_apdu,
-    parse_aarq,
-    parse_apdu,
-    seal_apdu,
 )
-
-from ami.machines import loadcurve
 
 # Durable counter slots (NVM rows), per meter.
 LAN_SEND = "lan_send"  # meter -> head-end under CC_LAN (boot events, AARE)
@@ -194,6 +199,9 @@ class MeterConfig:
     ak_grace_s: float = 60.0
     counter_block: int = 1024
     ciphers: CipherCache = field(default_factory=CipherCache)
+    #: Zero bytes in a ``pad`` field of each pushed reading (``ami meters --pad``:
+    #: load tests with bigger frames); the head-end ignores the field.
+    pad: int = 0
 
 
 @dataclass(slots=True)
@@ -395,7 +403,7 @@ class Meter:
                 self._send_lan(event, out)
         k = math.floor((now - self.push_offset) / interval) - 1
         if k > self.last_pushed and k >= 0:
-            self._send_lan(loadcurve.reading(self.profile, k, wall_ns), out)
+            self._send_lan(loadcurve.reading(self.profile, k, wall_ns), out, pad=self.config.pad)
             self.last_pushed = k
             out.counters.append("readings_pushed")
         self.next_due = (max(k, self.last_pushed) + 2) * interval + self.push_offset
@@ -613,13 +621,13 @@ class Meter:
             out.persist.append(CounterMark(slot, mark))
         return counter.take()
 
-    def _send_lan(self, msg: Message, out: Output) -> None:
+    def _send_lan(self, msg: Message, out: Output, pad: int = 0) -> None:
         assert self.session is not None
-        out.uplink.append(self._seal_session(self.session, msg))
+        out.uplink.append(self._seal_session(self.session, msg, pad))
 
-    def _seal_session(self, session: Session, msg: Message) -> bytes:
+    def _seal_session(self, session: Session, msg: Message, pad: int = 0) -> bytes:
         cipher = self.config.ciphers.get(session.key, self.keys.ak)
-        return seal_apdu(cipher, GENERAL_DED_CIPHERING, self.title, session.send.take(), encode_message(msg))
+        return seal_apdu(cipher, GENERAL_DED_CIPHERING, self.title, session.send.take(), encode_message(msg, pad=pad))
 
     def _queue_event(self, event: Event, out: Output) -> None:
         if self.pending_events is None:

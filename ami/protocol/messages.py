@@ -188,7 +188,10 @@ def _str(m: dict, key: str, *, default: str | None = None, limit: int = 256) -> 
     return value
 
 
-def encode_message(msg: Message) -> bytes:
+def encode_message(msg: Message, *, pad: int = 0) -> bytes:
+    """The msgpack map of ``msg``.  ``pad`` > 0 adds a ``"pad"`` field of that
+    many zero bytes (load tests grow frames so; decoders ignore it, as any
+    unknown field, and it is sealed and authenticated with the rest)."""
     m: dict[str, Any]
     if isinstance(msg, Reading):
         m = {"t": "rd", **msg.to_map()}
@@ -215,6 +218,8 @@ def encode_message(msg: Message) -> bytes:
         m = {"t": "rl", "why": msg.reason}
     else:
         raise TypeError(f"not a message: {type(msg).__name__}")
+    if pad:
+        m["pad"] = bytes(pad)
     m["v"] = VERSION
     return msgpack.packb(m, use_bin_type=True)
 

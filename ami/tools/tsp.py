@@ -21,18 +21,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ami.runtime.bus import make_client
-from ami.runtime.service import add_common_arguments
-from ami.protocol import (
-    AuthenticationFailed,
-    Opener,
-    ProtocolError,
-    ReceiveCounter,
-    Sealer,
-    SendCounter,
-    Suite0Cipher,
-    topics,
-)
+from ami.protocol import Opener, ProtocolError, ReceiveCounter, Sealer, SendCounter, Suite0Cipher, topics
 from ami.protocol.association import (
     InitiateRequest,
     build_aarq,
@@ -40,11 +29,13 @@ from ami.protocol.association import (
     encode_initiate_request,
     parse_aare,
 )
-from ami.protocol.errors import AssociationRejected
+from ami.protocol.errors import AssociationRejected, AuthenticationFailed
 from ami.protocol.frames import GENERAL_DED_CIPHERING, GLO_INITIATE_REQUEST, parse_apdu, seal_apdu
 from ami.protocol.keys import KeyType, SecretBytes
 from ami.protocol.messages import ReadReply, ReadRequest, decode_message, encode_message
+from ami.runtime.bus import make_client
 from ami.runtime.network import load_network
+from ami.runtime.service import add_common_arguments
 
 COUNTER_BLOCK = 64
 
@@ -71,9 +62,8 @@ class CounterFile:
 
 async def load_local_keys(data_dir: Path, config: dict, meter: str) -> tuple[int, SecretBytes, SecretBytes]:
     """(CC_LOCALE version, CC_LOCALE, AK) of a meter from the head-end's store."""
-    from headend.store import open_store  # the central system hands the keys over
-
     from ami.security.vault import open_vault
+    from headend.store_api import open_store  # the central system hands the keys over
 
     hcfg = config.get("headend", {})
     vault = open_vault(hcfg.get("vault", "file:headend.kek"), data_dir=data_dir)

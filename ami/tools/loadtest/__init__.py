@@ -10,8 +10,9 @@ Modules:
   fleet and the relays, no sealing, no opening, no forwarding, no head-end);
 * ``report``: the pure report builder, thresholds, CSV and the summary table;
 * ``hdr``: merging the head-end's per-interval HDR latency histograms;
-* ``plot``: throughput and latency percentiles over time (matplotlib PNG);
-* ``padded_meters``: ``ami meters`` with padded readings (``--payload-size``).
+* ``plot``: throughput and latency percentiles over time (matplotlib PNG).
+
+``--payload-size`` runs ``ami meters --pad N`` (readings carry a ``pad`` field).
 
 The report schema is documented in docs/benchmarks.md ("Load tests").
 """

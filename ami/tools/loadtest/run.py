@@ -41,16 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import paho.mqtt.client as paho
 import psutil
 
-from ami.runtime.bus import free_port, parse_broker_url, port_open
 from ami.protocol import topics
-
+from ami.runtime.bus import free_port, parse_broker_url, port_open
 from ami.tools.loadtest import report as reportlib
 
-REPO = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
@@ -83,16 +80,13 @@ def machine_info() -> dict[str, Any]:
 def reading_frame_size(pad: int = 0) -> int:
     """Bytes of one stamped reading on its PLC topic (the sealed DC APDU),
     with ``pad`` bytes of padding; representative field values."""
-    from ami.protocol import GENERAL_DED_CIPHERING, Suite0Cipher, seal_apdu
-    from ami.protocol.messages import VERSION, Reading
+    from ami.protocol import Suite0Cipher, seal_apdu
+    from ami.protocol.frames import GENERAL_DED_CIPHERING
+    from ami.protocol.messages import Reading, encode_message
 
     r = Reading(seq=985_000, ts=1_773_000_000, energy_wh=12_345_678, power_w=1234, voltage_dv=2301,
                 sealed_ns=time.time_ns())
-    m: dict[str, Any] = {"t": "rd", **r.to_map()}
-    if pad:
-        m["pad"] = bytes(pad)
-    m["v"] = VERSION
-    body = msgpack.packb(m, use_bin_type=True)
+    body = encode_message(r, pad=pad)  # what `ami meters --pad` seals
     return len(seal_apdu(Suite0Cipher(bytes(16), bytes(16)), GENERAL_DED_CIPHERING, b"SAG" + bytes(5), 1, body))
 
 
@@ -270,7 +264,8 @@ class LoadTest:
         log = self.workdir / f"{name}.log"
         fh = open(log, "ab")
         try:
-            proc = subprocess.Popen(argv, cwd=REPO, env=env or self._env(), stdout=fh, stderr=subprocess.STDOUT,
+            # Children inherit our folder and, through $AMI_CONFIG (set by ami.cli), our config file.
+            proc = subprocess.Popen(argv, env=env or self._env(), stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         finally:
             fh.close()
@@ -588,9 +583,8 @@ class LoadTest:
         fleets = []
         for i, ident in enumerate(self.fleet_ids, 1):
             shard = ["--shard", f"{i}/{o.fleet_processes}"] if o.fleet_processes > 1 else []
-            args = self._ami("meters", "--id", ident, "--rate", str(o.rate * shares[i - 1]), "--stamp", *shard)
-            if self.pad:
-                args = [sys.executable, "-m", "ami.tools.loadtest.padded_meters", str(self.pad), *args[3:]]
+            pad = ["--pad", str(self.pad)] if self.pad else []
+            args = self._ami("meters", "--id", ident, "--rate", str(o.rate * shares[i - 1]), "--stamp", *pad, *shard)
             fleets.append(self._spawn(f"fleet-{i}", "fleet", "pipeline", args, env))
 
         def fleets_up() -> bool:
