@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ami.runtime.config import load_config
+from ami.runtime.config import CONFIG_ENV, config_file, load_config
 
 #: subcommand -> (module, help).  The module has ``add_arguments(parser, config)`` and
 #: ``main(args, config) -> int``; ``"module:name"`` names ``add_name_arguments`` and ``name_main``
@@ -29,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "read": ("ami.tools.operator:read", "on-demand read of a meter through the head-end"),
     "tsp": ("ami.tools.tsp", "local handheld session with one meter over CC_LOCALE"),
     "loadtest": ("ami.tools.loadtest.cli", "measure the whole pipeline under load"),
-    "attack": ("ami.tools.attack", "attacker's view: capture traffic, break a stolen store, HSM case"),
+    "attack": ("ami.tools.attack.cli", "attacker's view: capture traffic, break a stolen store, HSM case"),
+    "config": ("ami.tools.config", "print the effective configuration and where each value comes from"),
 }
 
 
@@ -68,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
-    config = load_config(known.config)
+    config_path = config_file(known.config)
+    if config_path is not None:
+        # Processes a command starts (the load test's services) run on the same file.
+        os.environ[CONFIG_ENV] = str(config_path.resolve())
+    config = load_config(config_path)
     args = build_parser(config, _command_in(argv)).parse_args(argv)
     _add_arguments, command_main = _entry_points(args._module)
     return int(command_main(args, config) or 0)

@@ -60,13 +60,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ami.protocol import (
-    decode_message,
     KeyType,
-    open_apdu,
-    parse_apdu,
     ProtocolError,
     SecretBytes,
     Suite0Cipher,
+    decode_message,
+    open_apdu,
+    parse_apdu,
 )
 from ami.protocol.association import decode_initiate_request, parse_aare, parse_aarq
 from ami.protocol.frames import (
@@ -121,8 +121,10 @@ def make_records(n_meters: int, n_concentrators: int) -> list[dict[str, str]]:
 
 
 def default_policy(**overrides: Any) -> Policy:
-    """Small counter blocks so that reservations happen all the time."""
-    base: dict[str, Any] = dict(counter_block=8, max_events_per_s=100_000)
+    """Small counter blocks so that reservations happen all the time.  Sessions
+    are not renewed by age (the packaged 120 s would renew them mid-scenario)
+    unless a test asks for it."""
+    base: dict[str, Any] = dict(counter_block=8, max_events_per_s=100_000, session_max_age_s=3600.0)
     base.update(overrides)
     return Policy(**base)
 

@@ -21,22 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ami.protocol import (
-    AuthenticationFailed,
-    ExpiredKey,
-    KeyLifecycleError,
-    MalformedFrame,
-    MalformedMessage,
-    Opener,
-    ProtocolError,
-    ReceiveCounter,
-    ReplayedFrame,
-    SendCounter,
-    Suite0Cipher,
-    UnknownKey,
-    UnknownMeter,
-    WrongSegment,
-)
+from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
+from ami.machines.headend_state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
+from ami.protocol import Opener, ProtocolError, ReceiveCounter, SendCounter, Suite0Cipher
 from ami.protocol.association import (
     AARE_TAG,
     InitiateRequest,
@@ -44,6 +31,17 @@ from ami.protocol.association import (
     decode_initiate_response,
     encode_initiate_request,
     parse_aare,
+)
+from ami.protocol.errors import (
+    AuthenticationFailed,
+    ExpiredKey,
+    KeyLifecycleError,
+    MalformedFrame,
+    MalformedMessage,
+    ReplayedFrame,
+    UnknownKey,
+    UnknownMeter,
+    WrongSegment,
 )
 from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
@@ -69,17 +67,14 @@ from ami.protocol.messages import (
     GapFillRequest,
     KeyTransfer,
     KeyTransferAck,
+    Reading,
     ReadReply,
     ReadRequest,
-    Reading,
     Release,
     decode_batch,
     decode_message,
     encode_message,
 )
-
-from ami.machines.headend_state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
-from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 
 GLOBAL_TYPES = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 ROTATABLE = {"session", "cc_lan", "cc_locale", "ak"}
@@ -88,10 +83,11 @@ _GAP_CHUNK = 256  # seqs per GapFillRequest: a reply of 256 readings fits MAX_AP
 
 @dataclass(slots=True)
 class Policy:
-    """Knobs from ``[headend]`` in the configuration."""
+    """Knobs from ``[headend]`` in the configuration.  A default here equals the
+    packaged ami/runtime/default.toml (tests/test_config.py checks it)."""
 
     session_max_frames: int = 20000
-    session_max_age_s: float = 3600.0
+    session_max_age_s: float = 120.0
     session_renew_at_ic: int = 0xF000_0000
     global_key_max_age_s: float = 0.0
     association_timeout_s: float = 10.0
@@ -163,6 +159,18 @@ class HeadEndEngine:
         self._reset_outputs()
         self._event_window = (0, 0)  # (second, events in it)
         self._campaign_done: list[Campaign] = []
+
+    # -- gauges ----------------------------------------------------------------
+
+    @property
+    def meters_pending(self) -> int:
+        """Meters with an association or a key transfer in flight."""
+        return len(self._pending_meters)
+
+    @property
+    def meters_with_gaps(self) -> int:
+        """Meters with at least one missing reading still to fetch."""
+        return len(self._gap_meters)
 
     # -- outputs --------------------------------------------------------------
 
