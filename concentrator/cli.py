@@ -9,12 +9,9 @@ import argparse
 import asyncio
 
 from ami.runtime.bus import wait_for_broker
-from ami.runtime.service import add_common_arguments
 from ami.runtime.logs import configure_logging, get_logger
-from ami.runtime.service import run_service
-
+from ami.runtime.service import add_common_arguments, run_service
 from ami.runtime.sharding import parse_list, parse_shard
-
 from concentrator.relay import RelayProcess, RelaySettings
 
 
@@ -30,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, log_format=args.log_format)
     log = get_logger("concentrator")
     try:
         settings = RelaySettings.from_config(

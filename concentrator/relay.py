@@ -28,17 +28,16 @@ from typing import Any
 
 import aiomqtt
 
-from ami.runtime.bus import make_client
-from ami.runtime.sharding import select
-from ami.runtime.logs import get_logger
-from ami.runtime.metrics import Metrics
 from ami.protocol import topics
 from ami.protocol.errors import MalformedMessage
 from ami.protocol.frames import MAX_APDU_SIZE  # the frame codec needs no crypto
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
+from ami.runtime.bus import make_client
+from ami.runtime.link import run_link
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics, run_monitor
 from ami.runtime.network import load_network
-
-from ami.runtime.metrics import run_monitor
+from ami.runtime.sharding import select
 
 log = get_logger("concentrator")
 
@@ -228,37 +227,28 @@ class Relay:
 
     # --- connection ----------------------------------------------------------------------
 
-    async def run(self, gate: asyncio.Semaphore) -> None:
+    async def run(self, gate: asyncio.Semaphore, stop: asyncio.Event) -> None:
         """Connect (at most ``gate`` connections opening at once), subscribe,
-        relay until cancelled; reconnect with backoff when the broker drops us."""
-        backoff = 0.5
-        while True:
-            sender: asyncio.Task | None = None
-            try:
-                async with gate:
-                    await self.client.__aenter__()
-                try:
-                    await self.client.subscribe(topics.plc_up_filter(self.concentrator), qos=self.s.qos)
-                    await self.client.subscribe(self._wan_down, qos=self.s.qos)
-                    self.up = True
-                    backoff = 0.5
-                    sender = asyncio.create_task(self._sender())
-                    async for message in self.client.messages:
-                        self.on_message(message.topic.value, message.payload)
-                        if not self._room.is_set():
-                            await self._room.wait()  # back-pressure on a slow broker
-                finally:
-                    self.up = False
-                    if sender is not None:
-                        sender.cancel()
-                    with contextlib.suppress(Exception):
-                        # Bounded: a dead socket must not hold up a shutdown.
-                        await asyncio.wait_for(self.client.__aexit__(None, None, None), 5.0)
-            except aiomqtt.MqttError as exc:
-                log.warning("relay connection lost", concentrator=self.concentrator, error=str(exc))
-                self.metrics.incr("reconnects")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        relay until cancelled; reconnect with backoff when the broker drops
+        us, but never once ``stop`` is set (ami.runtime.link)."""
+        await run_link(self.client, self._session, stop=stop, metrics=self.metrics,
+                       name=f"relay {self.concentrator}", gate=gate)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        sender: asyncio.Task | None = None
+        try:
+            await client.subscribe(topics.plc_up_filter(self.concentrator), qos=self.s.qos)
+            await client.subscribe(self._wan_down, qos=self.s.qos)
+            self.up = True
+            sender = asyncio.create_task(self._sender())
+            async for message in client.messages:
+                self.on_message(message.topic.value, message.payload)
+                if not self._room.is_set():
+                    await self._room.wait()  # back-pressure on a slow broker
+        finally:
+            self.up = False
+            if sender is not None:
+                sender.cancel()
 
     @property
     def idle(self) -> bool:
@@ -313,10 +303,10 @@ class RelayProcess:
         monitor_done = asyncio.Event()
         monitor = asyncio.create_task(
             run_monitor(s.broker, "concentrator", s.data_dir, self.metrics, s.metrics_interval_s, self.refresh,
-                        monitor_done)
+                        monitor_done, stop=stop)
         )
         gate = asyncio.Semaphore(s.connect_concurrency)
-        tasks = [asyncio.create_task(r.run(gate)) for r in self.relays]
+        tasks = [asyncio.create_task(r.run(gate, stop)) for r in self.relays]
         log.info("relays started", ident=self.ident, relays=len(self.relays))
         try:
             await stop.wait()

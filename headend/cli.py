@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ami.runtime.bus import wait_for_broker
-from ami.runtime.service import add_common_arguments
 from ami.runtime.logs import configure_logging
-from ami.runtime.service import run_service
+from ami.runtime.service import add_common_arguments, run_service
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
@@ -21,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 def main(args: argparse.Namespace, config: dict) -> int:
     from headend.service import HeadEndService
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, log_format=args.log_format)
     config = dict(config)
     config["headend"] = {**config.get("headend", {}), "store": args.store, "vault": args.vault}
 

@@ -21,16 +21,16 @@ from typing import Any
 import aiomqtt
 from hdrh.histogram import HdrHistogram
 
-from ami.runtime.bus import make_client, publish_all
-from ami.runtime.logs import get_logger
-from ami.runtime.metrics import Metrics, event_payload, publish_status
+from ami.machines.headend import HeadEndEngine, Policy
 from ami.protocol import topics
 from ami.protocol.messages import Batch, encode_batch
+from ami.runtime.bus import make_client, publish_all
+from ami.runtime.link import run_link
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics, event_payload, publish_status
 from ami.runtime.network import iter_factory_keys, load_network
 from ami.security.vault import open_vault
-
-from ami.machines.headend import HeadEndEngine, Policy
-from headend.store import open_store
+from headend.store_api import open_store
 
 log = get_logger("headend")
 MAX_COMMAND_BYTES = 64 * 1024
@@ -81,66 +81,61 @@ class HeadEndService:
 
     async def run(self, stop: asyncio.Event) -> int:
         await self.start_engine()
-        backoff = 0.5
+        status = topics.monitor_status("headend", self.ident)
+
+        def connect() -> aiomqtt.Client:
+            return make_client(
+                self.broker, user="headend", data_dir=self.data_dir, identifier=f"ami-headend-{self.ident}",
+                status_topic=status,
+            )
+
         try:
-            while not stop.is_set():
-                try:
-                    await self._session(stop)
-                    break
-                except aiomqtt.MqttError as exc:
-                    # The engine keeps its state; what was in flight is
-                    # recovered by timeouts, retries and gap-fill.
-                    self.metrics.incr("reconnects")
-                    log.warning("bus connection lost", error=str(exc), retry_in_s=backoff)
-                    try:
-                        await asyncio.wait_for(stop.wait(), backoff)
-                    except TimeoutError:
-                        pass
-                    backoff = min(backoff * 2, 10.0)
+            # Reconnects when the bus drops (never once stopping): the engine
+            # keeps its state; what was in flight is recovered by timeouts,
+            # retries and gap-fill.
+            await run_link(connect, lambda client: self._session(client, stop), stop=stop, metrics=self.metrics,
+                           name="headend")
         finally:
             await self.store.close()
             self.vault.close()
         log.info("headend_stopped", **{k: v for k, v in self.engine.counters.items() if k.startswith("readings")})
         return 0
 
-    async def _session(self, stop: asyncio.Event) -> None:
+    async def _session(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """One connection's life: subscribe, serve until stopped or disconnected."""
-        status = topics.monitor_status("headend", self.ident)
-        client = make_client(
-            self.broker, user="headend", data_dir=self.data_dir, identifier=f"ami-headend-{self.ident}",
-            status_topic=status,
-        )
-        async with client:
-            await client.subscribe(topics.WAN_UP_FILTER, qos=self.qos)
-            await client.subscribe(topics.HEADEND_COMMANDS, qos=self.qos)
-            await publish_status(client, self.metrics, "online")
-            tasks = [
-                asyncio.create_task(self._read(client)),
-                asyncio.create_task(self._metrics_loop(client)),
-                asyncio.create_task(self._loop(client, stop)),
-            ]
-            self.ready.set()
-            try:
-                done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()
-            try:
-                # Bounded: honcho kills 5 s after SIGTERM, and the broker may
-                # already be gone.  The commit inside _round comes first anyway.
-                async with asyncio.timeout(2.0):
-                    await self._round(client, time.time())  # flush what is left
-                    await client.publish(
-                        topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
-                        qos=1, retain=True,
-                    )
-                    await publish_status(client, self.metrics, "offline")
-            except (TimeoutError, aiomqtt.MqttError) as exc:
-                log.warning("final publish incomplete", error=str(exc) or type(exc).__name__)
+        await client.subscribe(topics.WAN_UP_FILTER, qos=self.qos)
+        await client.subscribe(topics.HEADEND_COMMANDS, qos=self.qos)
+        await publish_status(client, self.metrics, "online")
+        tasks = [
+            asyncio.create_task(self._read(client)),
+            asyncio.create_task(self._metrics_loop(client)),
+            asyncio.create_task(self._loop(client, stop)),
+        ]
+        self.ready.set()
+        try:
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                if stop.is_set() and isinstance(task.exception(), aiomqtt.MqttError):
+                    continue  # the bus went first while stopping: still commit what arrived
+                raise task.exception()
+        try:
+            # Bounded: honcho kills 5 s after SIGTERM, and the broker may
+            # already be gone.  The commit inside _round comes first anyway.
+            async with asyncio.timeout(2.0):
+                await self._round(client, time.time())  # flush what is left
+                await client.publish(
+                    topics.monitor_metrics("headend", self.ident), json.dumps(self._snapshot()).encode(),
+                    qos=1, retain=True,
+                )
+                await publish_status(client, self.metrics, "offline")
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            # Only when stopping: expected if the broker stopped first.
+            log.info("final publish incomplete", error=str(exc) or type(exc).__name__)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -225,8 +220,8 @@ class HeadEndService:
         m.gauges.update(
             meters=len(engine.meters),
             sessions=sum(1 for x in engine.meters.values() if x.session is not None),
-            pending=len(engine._pending_meters),
-            meters_with_gaps=len(engine._gap_meters),
+            pending=engine.meters_pending,
+            meters_with_gaps=engine.meters_with_gaps,
             inbox=len(self._inbox),
         )
         snap = m.snapshot()

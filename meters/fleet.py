@@ -33,16 +33,16 @@ from typing import Any
 
 import aiomqtt
 
-from ami.runtime.bus import make_client
-from ami.runtime.sharding import select
-from ami.runtime.logs import get_logger
-from ami.runtime.metrics import Metrics
-from ami.protocol import MAX_APDU_SIZE, SecretBytes, topics
-from ami.runtime.network import Network, iter_factory_keys, load_network
-
 from ami.machines.loadcurve import mix64, seed_for, unit
 from ami.machines.meter import CipherCache, Meter, MeterConfig, MeterKeys, Output
-from ami.runtime.metrics import run_monitor
+from ami.protocol import SecretBytes, topics
+from ami.protocol.frames import MAX_APDU_SIZE
+from ami.runtime.bus import make_client
+from ami.runtime.link import run_link
+from ami.runtime.logs import get_logger
+from ami.runtime.metrics import Metrics, run_monitor
+from ami.runtime.network import Network, iter_factory_keys, load_network
+from ami.runtime.sharding import select
 from meters.nvm import Nvm, Record
 
 log = get_logger("meters.fleet")
@@ -70,6 +70,7 @@ class FleetSettings:
     metrics_interval_s: float = 2.0
     rate: float | None = None  # total readings/s; overrides compression and jitter
     stamp: bool = False
+    pad: int = 0  # zero bytes added to each pushed reading (MeterConfig.pad)
     tamper_rate: float = 0.0  # probability per meter per pushed reading
     outage_rate: float = 0.0
     seed: int | None = None  # fault-injection randomness
@@ -215,6 +216,7 @@ class Fleet:
             ak_grace_s=s.ak_grace_s * compression,
             counter_block=s.counter_block,
             ciphers=self._ciphers,
+            pad=s.pad,
         )
         now = self.clock.now()
         spread = (s.boot_retry_s if s.boot_spread_s is None else s.boot_spread_s) * compression
@@ -353,35 +355,26 @@ class Fleet:
 
     # --- segment connections -----------------------------------------------------------
 
-    async def _run_link(self, link: Link, connect_gate: asyncio.Semaphore) -> None:
-        backoff = 0.5
-        c = link.concentrator
-        while True:
+    async def _run_link(self, link: Link, connect_gate: asyncio.Semaphore, stop: asyncio.Event) -> None:
+        """The segment's connection: reconnects with backoff, never once ``stop`` is set."""
+
+        async def session(client: aiomqtt.Client) -> None:
+            c = link.concentrator
             publisher: asyncio.Task | None = None
             try:
-                async with connect_gate:
-                    await link.client.__aenter__()
-                try:
-                    await link.client.subscribe(topics.plc_down_filter(c), qos=self.s.qos)
-                    await link.client.subscribe(topics.local_in_filter(c), qos=self.s.qos)
-                    link.up = True
-                    backoff = 0.5
-                    publisher = asyncio.create_task(self._publisher(link))
-                    async for message in link.client.messages:
-                        self._on_message(link, message)
-                finally:
-                    link.up = False
-                    if publisher is not None:
-                        publisher.cancel()
-                    with contextlib.suppress(Exception):
-                        # Bounded: a dead socket must not hold up a shutdown.
-                        await asyncio.wait_for(link.client.__aexit__(None, None, None), 5.0)
-            except aiomqtt.MqttError as exc:
-                log.warning("segment connection lost", segment=c, error=str(exc))
-                assert self.metrics is not None
-                self.metrics.incr("reconnects")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                await client.subscribe(topics.plc_down_filter(c), qos=self.s.qos)
+                await client.subscribe(topics.local_in_filter(c), qos=self.s.qos)
+                link.up = True
+                publisher = asyncio.create_task(self._publisher(link))
+                async for message in client.messages:
+                    self._on_message(link, message)
+            finally:
+                link.up = False
+                if publisher is not None:
+                    publisher.cancel()
+
+        await run_link(link.client, session, stop=stop, metrics=self.metrics,
+                       name=f"segment {link.concentrator}", gate=connect_gate)
 
     def _on_message(self, link: Link, message: aiomqtt.Message) -> None:
         metrics, clock = self.metrics, self.clock
@@ -508,12 +501,12 @@ class Fleet:
         monitor_done = asyncio.Event()
         monitor = asyncio.create_task(
             run_monitor(s.broker, "meters", s.data_dir, metrics, s.metrics_interval_s, self._refresh_gauges,
-                        monitor_done)
+                        monitor_done, stop=stop)
         )
         gate = asyncio.Semaphore(s.connect_concurrency)
         committer = asyncio.create_task(self._committer())
         scheduler = asyncio.create_task(self._scheduler())
-        links = [asyncio.create_task(self._run_link(link, gate)) for link in self.links.values()]
+        links = [asyncio.create_task(self._run_link(link, gate, stop)) for link in self.links.values()]
         tasks = [committer, scheduler, *links]
         try:
             stopper = asyncio.create_task(stop.wait())
@@ -543,8 +536,10 @@ class Fleet:
         deadline = time.monotonic() + self.s.drain_timeout_s
         self._marks_wake.set()
         while time.monotonic() < deadline:
-            sendable = sum(len(link.queue) for link in self.links.values() if link.up)
-            if not self._pending and sendable == 0 and self._inflight == 0:
+            up = [link for link in self.links.values() if link.up]
+            sendable = sum(len(link.queue) for link in up)
+            inflight = sum(len(link.tasks) for link in up)  # a lost connection never acks its own
+            if not self._pending and sendable == 0 and inflight == 0:
                 return  # frames of a segment that is down are left behind
             await asyncio.sleep(0.02)
         log.warning("drain timed out", queued=self._queued, pending_marks=len(self._pending))

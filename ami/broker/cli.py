@@ -7,9 +7,8 @@ import logging
 from pathlib import Path
 
 from ami.runtime.bus import parse_broker_url
-from ami.runtime.service import add_common_arguments
 from ami.runtime.logs import configure_logging, get_logger
-from ami.runtime.service import run_service
+from ami.runtime.service import add_common_arguments, run_service
 
 
 class _DropPortProbes(logging.Filter):
@@ -24,12 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     parser.add_argument(
         "--no-auth", action="store_true", help="open broker even when DATA/bus holds credentials (load tests)"
     )
+    parser.add_argument(
+        "--stop-grace", type=float, default=float(config.get("broker", {}).get("stop_grace_s", 3.0)), metavar="S",
+        help="after SIGTERM, keep serving until the clients have left, at most S seconds ([broker] stop_grace_s): "
+        "the other services stop at the same time and still publish (honcho kills at 5 s)",
+    )
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
     from ami.broker.server import run_broker
 
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, log_format=args.log_format)
     url = parse_broker_url(args.broker)
     bus_dir: Path | None = args.data / "bus"
     if args.no_auth or not (bus_dir / "credentials.json").exists():
@@ -47,7 +51,9 @@ def main(args: argparse.Namespace, config: dict) -> int:
             tls_port=args.tls_port,
             stop=stop,
             on_ready=lambda: log.info("broker_ready", broker=str(url), auth=bus_dir is not None, tls_port=args.tls_port),
+            grace=args.stop_grace,
         )
+        log.info("broker_stopped", broker=str(url))
         return 0
 
     return run_service(_main)

@@ -126,6 +126,16 @@ class AclBroker(Broker):
         await super()._publish_retained_messages_for_subscription(subscription, session)
 
 
+def connected_clients(broker: Broker) -> int:
+    return sum(1 for session, _handler in list(broker.sessions.values()) if session.transitions.is_connected())
+
+
+def _backlog(broker: Broker) -> int:
+    """Messages received but not yet routed (amqtt 0.12.1 internals; 0 if unknown)."""
+    queue = getattr(broker, "_broadcast_queue", None)
+    return queue.qsize() if isinstance(queue, asyncio.Queue) else 0
+
+
 async def run_broker(
     host: str = "127.0.0.1",
     port: int = 1884,
@@ -134,8 +144,15 @@ async def run_broker(
     tls_port: int | None = None,
     stop: asyncio.Event | None = None,
     on_ready: Any = None,
+    grace: float = 0.0,
 ) -> None:
-    """Serve until `stop` is set (or the task is cancelled), then shut down cleanly."""
+    """Serve until `stop` is set (or the task is cancelled), then shut down cleanly.
+
+    With a `grace` (seconds), the broker keeps serving after `stop` until its
+    clients have disconnected, at most that long: under ``honcho`` every
+    process gets SIGTERM at once, and the others still flush, persist and
+    publish ``offline`` through the broker while they stop.
+    """
     config = amqtt_config(broker_settings(host, port, bus_dir=bus_dir, tls_port=tls_port))
     broker = AclBroker(config, acl=bus_dir is not None)
     await broker.start()
@@ -143,6 +160,9 @@ async def run_broker(
         if on_ready is not None:
             on_ready()
         await (stop.wait() if stop is not None else asyncio.Event().wait())
+        deadline = asyncio.get_running_loop().time() + grace
+        while (connected_clients(broker) or _backlog(broker)) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
     finally:
         # Shield so a cancellation still lets the listeners close and sessions end.
         await asyncio.shield(broker.shutdown())

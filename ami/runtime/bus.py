@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -51,6 +52,86 @@ def load_credentials(data_dir: Path | None) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
+class Client(aiomqtt.Client):
+    """``aiomqtt.Client`` (2.x) with two races of a vanishing broker closed.
+
+    * When the broker drops the connection, aiomqtt stores "Unexpected
+      disconnection" in ``_disconnected``, a future only the ``messages``
+      iterator reads.  A session that is winding down (no reader any more)
+      leaves it unretrieved and asyncio prints "Future exception was never
+      retrieved" when it is collected: mark it retrieved on every connect.
+    * paho asks for a write watch (``on_socket_register_write``, on a publish)
+      and aiomqtt adds it with ``call_soon_threadsafe``; when the broker closes
+      the socket in between, ``loop.add_writer`` runs on a closed descriptor
+      and uvloop logs "Exception in callback Loop.add_writer ... KeyError /
+      OSError [Errno 9] Bad file descriptor" (or, if the number was reused
+      meanwhile, watches another socket).  Add the watch, and the read watch
+      on connect, only if that socket is still the client's and still open;
+      if uvloop refuses it (its watcher of that descriptor closed on a socket
+      error: "RuntimeError ... the handler is closed"), end the connection
+      as a disconnection instead of a traceback.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._disconnected.add_done_callback(_retrieve)
+
+    async def __aenter__(self) -> Self:
+        await super().__aenter__()
+        self._disconnected.add_done_callback(_retrieve)  # a new future after a disconnection
+        return self
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        def callback() -> None:
+            # As aiomqtt: a failing read is a broken connection.
+            try:
+                while True:
+                    client.loop_read()
+                    if hasattr(client._sock, "pending") and client._sock.pending() > 0:
+                        continue
+                    break
+            except Exception as exc:  # noqa: BLE001
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def watch() -> None:
+            if client.socket() is sock and sock.fileno() >= 0 and self._watch(self._loop.add_reader, sock, callback):
+                self._misc_task = self._loop.create_task(self._misc_loop())
+
+        # Called from the executor thread that runs paho's connect().
+        self._loop.call_soon_threadsafe(watch)
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        def callback() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:  # noqa: BLE001
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def watch() -> None:
+            if client.socket() is sock and sock.fileno() >= 0 and getattr(client, "_registered_write", True):
+                self._watch(self._loop.add_writer, sock, callback)
+
+        self._loop.call_soon_threadsafe(watch)
+
+    def _watch(self, add: Any, sock: Any, callback: Any) -> bool:
+        try:
+            add(sock.fileno(), callback)
+            return True
+        except (OSError, RuntimeError) as exc:
+            # uvloop closes a descriptor's watcher on a socket error (and
+            # keeps it, closed): the connection is gone, say so.
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+            return False
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def make_client(
     broker: str | BrokerUrl,
     *,
@@ -77,7 +158,7 @@ def make_client(
         # Two clients with one id kick each other off the broker: keep the
         # readable name, make it unique per process.
         identifier = f"{identifier}-{os.getpid()}"
-    client = aiomqtt.Client(
+    client = Client(
         url.host,
         url.port,
         username=username,
@@ -142,4 +223,4 @@ async def wait_for_broker(broker: str, *, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-__all__ = ["BrokerUrl", "free_port", "port_open", "parse_broker_url", "load_credentials", "make_client", "publish_all", "wait_for_broker", "topics"]
+__all__ = ["BrokerUrl", "Client", "free_port", "port_open", "parse_broker_url", "load_credentials", "make_client", "publish_all", "wait_for_broker", "topics"]

@@ -26,12 +26,10 @@ from typing import Any
 import aiomqtt
 import psutil
 
-from ami.runtime.bus import make_client
-from ami.runtime.logs import get_logger
 from ami.protocol import topics
 from ami.protocol.errors import ALL_REASONS
-
-log = get_logger("monitor")
+from ami.runtime.bus import make_client
+from ami.runtime.link import run_link
 
 
 class Metrics:
@@ -91,41 +89,38 @@ async def run_monitor(
     interval: float,
     refresh: Callable[[], None],
     done: asyncio.Event,
+    *,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """A process-level monitor connection: retained status and metrics.
 
     Publishes ``online`` and a metrics snapshot every ``interval`` until
     ``done`` is set, then a final snapshot and ``offline`` (the Last Will says
     ``offline`` if the process dies first).  Survives broker restarts:
-    reconnects and announces itself again; never raises on a lost broker.
+    reconnects (counted as ``monitor_reconnects``) and announces itself
+    again; never raises on a lost broker.  Once ``done`` or ``stop`` (the
+    process's SIGTERM) is set it no longer reconnects: the connection it has
+    still publishes until ``done``.
     """
     status = topics.monitor_status(metrics.component, metrics.ident)
     metrics_topic = topics.monitor_metrics(metrics.component, metrics.ident)
-    backoff = 0.5
-    while True:
-        client = make_client(broker, user=user, data_dir=data_dir, status_topic=status)
-        try:
-            async with client:
-                await publish_status(client, metrics, "online")
-                backoff = 0.5
-                while not done.is_set():
-                    refresh()
-                    await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(done.wait(), interval)
-                refresh()
-                await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=1, retain=True)
-                await publish_status(client, metrics, "offline")
-                return
-        except aiomqtt.MqttError as exc:
-            if done.is_set():
-                log.warning("could not publish the final status", error=str(exc))
-                return
-            log.warning("monitor connection lost", error=str(exc))
-            metrics.incr("monitor_reconnects")
+
+    def connect() -> aiomqtt.Client:
+        return make_client(broker, user=user, data_dir=data_dir, status_topic=status)
+
+    async def session(client: aiomqtt.Client) -> None:
+        await publish_status(client, metrics, "online")
+        while not done.is_set():
+            refresh()
+            await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=0, retain=True)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(done.wait(), backoff)
-            backoff = min(backoff * 2, 10.0)
+                await asyncio.wait_for(done.wait(), interval)
+        refresh()
+        await client.publish(metrics_topic, json.dumps(metrics.snapshot()).encode(), qos=1, retain=True)
+        await publish_status(client, metrics, "offline")
+
+    stops = (done,) if stop is None else (done, stop)
+    await run_link(connect, session, stop=stops, metrics=metrics, counter="monitor_reconnects", name="monitor")
 
 
 def event_payload(kind: str, **fields: Any) -> bytes:

@@ -2,15 +2,27 @@
 
 Services take a ``stop`` event: set on the first signal so they can flush,
 persist their counters and publish ``offline``; a second signal cancels.
+
+Once stopping, a broker that vanishes (``honcho`` signals every process at
+once) is expected: connection errors that aiomqtt/paho report late (an
+unretrieved disconnection future, a watch on a closed socket, paho's
+"failed to receive on socket") become one debug line each instead of a
+traceback.  Before ``stop`` they stay visible.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from ami.runtime.logs import LOG_FORMATS, get_logger
 
 try:
     import uvloop
@@ -18,12 +30,53 @@ except ImportError:  # pragma: no cover - uvloop is a dependency; keep working w
     uvloop = None
 
 
+log = get_logger("service")
+
+
+def _connection_noise(exc: BaseException | None) -> bool:
+    """A lost connection (MQTT error, refused/reset socket, closed descriptor)."""
+    return isinstance(exc, (aiomqtt.MqttError, OSError))
+
+
+#: paho's words for a connection the broker dropped: ``ami.runtime.link``
+#: already reports the loss (once per outage), so these are debug lines.
+_LOSS_MESSAGES = ("failed to receive on socket",)
+
+
+class _QuietAfterStop(logging.Filter):
+    """On paho's/aiomqtt's logger: a lost connection is the link's to report,
+    and once stopping it is no news at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop: asyncio.Event | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stopping = self.stop is not None and self.stop.is_set()
+        if not stopping and not record.getMessage().startswith(_LOSS_MESSAGES):
+            return True
+        log.debug("late connection message after stop", logger=record.name, message=record.getMessage())
+        return False
+
+
 def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
+    quiet = _QuietAfterStop()
+
     async def _wrapper() -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         task = asyncio.current_task()
         hits = 0
+
+        def _on_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if stop.is_set() and _connection_noise(exc):
+                log.debug("late connection error after stop", error=repr(exc), context=context.get("message"))
+                return
+            loop.default_exception_handler(context)
+
+        loop.set_exception_handler(_on_loop_exception)
+        quiet.stop = stop
 
         def _on_signal() -> None:
             nonlocal hits
@@ -40,9 +93,14 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
         except asyncio.CancelledError:
             return 130
 
-    if uvloop is not None:
-        return uvloop.run(_wrapper())
-    return asyncio.run(_wrapper())
+    mqtt_logger = logging.getLogger("mqtt")  # aiomqtt's, which paho logs to as well
+    mqtt_logger.addFilter(quiet)
+    try:
+        if uvloop is not None:
+            return uvloop.run(_wrapper())
+        return asyncio.run(_wrapper())
+    finally:
+        mqtt_logger.removeFilter(quiet)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
@@ -53,3 +111,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
         "--data", type=Path, default=Path(config.get("data", {}).get("dir", "data")), help="provisioned network folder"
     )
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default=None,
+        help="console (readable) or json lines; default $AMI_LOG_FORMAT, else console on a terminal, json otherwise",
+    )

@@ -432,8 +432,8 @@ def _emit(model: MonitorModel, as_json: bool) -> None:
 async def _run(args: argparse.Namespace, plain: bool) -> int:
     import aiomqtt
 
-    from ami.runtime.bus import make_client, wait_for_broker
     from ami.protocol import topics
+    from ami.runtime.bus import make_client, wait_for_broker
 
     # Started beside the broker (Procfile): give it a moment to listen.
     try:
@@ -442,6 +442,11 @@ async def _run(args: argparse.Namespace, plain: bool) -> int:
         pass  # reported below by the connection attempt itself
     model = MonitorModel()
     loop = asyncio.get_running_loop()
+    # SIGTERM (honcho, systemd) ends the watch like Ctrl-C: cancel, so the
+    # connection closes in order (a KeyboardInterrupt may land anywhere).
+    main_task = asyncio.current_task()
+    if main_task is not None:
+        loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     deadline = None if args.duration is None else loop.time() + args.duration
     ident = f"ami-monitor-{uuid.uuid4().hex[:8]}"
     client = make_client(args.broker, user="monitor", data_dir=args.data, identifier=ident)
@@ -481,11 +486,11 @@ async def _run(args: argparse.Namespace, plain: bool) -> int:
 def main(args: argparse.Namespace, config: dict) -> int:
     plain = args.plain or args.json or not sys.stdout.isatty()
     # SIGTERM (honcho, systemd) ends the watch like Ctrl-C does: exit 0.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # until the loop takes over
     try:
         return asyncio.run(_run(args, plain))
     except KeyError as exc:  # provisioned with bus auth, but no monitor user
         print(f"ami monitor: {exc.args[0]}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 0
