@@ -37,14 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 
 from ami.protocol import (
-    decode_message,
-    encode_message,
     Opener,
-    parse_apdu,
     ReceiveCounter,
     Sealer,
     SendCounter,
     Suite0Cipher,
+    decode_message,
+    encode_message,
+    parse_apdu,
 )
 from ami.protocol.counters import IC_LIMIT
 from ami.protocol.frames import GENERAL_DED_CIPHERING

@@ -30,10 +30,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ami.machines.meter import CounterMark, KeyWrite, PersistItem
 from ami.protocol import KeyType, SecretBytes
 from ami.runtime.single_thread import SingleThread
-
-from ami.machines.meter import CounterMark, KeyWrite, PersistItem
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (concentrator TEXT PRIMARY KEY, claimed_ns INTEGER NOT NULL);

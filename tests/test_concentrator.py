@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 R = "ami/v1"
 FORBIDDEN = ("cryptography", "ami.protocol.cipher", "ami.protocol.channel", "ami.protocol.keys", "ami.security.vault",
+             "ami.machines",
              "headend", "meters")
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from ami.protocol import KeyType
 from ami.protocol.keys import KeyState
-from ami.protocol.messages import GapFillReply, KeyTransfer, KeyTransferAck, Reading, ReadRequest
+from ami.protocol.messages import GapFillReply, KeyTransfer, KeyTransferAck, ReadRequest, Reading
 from ami.protocol.messages import decode_batch
 from ami.machines import loadcurve
 from sim import INTERVAL, Chaos, Drop, Network, NvmModel, Sim, Wire, default_policy

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ami.protocol import encode_message, KeyType, parse_apdu, seal_apdu, SecretBytes, Suite0Cipher
-from ami.protocol.association import build_aare, encode_initiate_response, InitiateResponse
+from ami.protocol import KeyType, SecretBytes, Suite0Cipher, encode_message, parse_apdu, seal_apdu
+from ami.protocol.association import InitiateResponse, build_aare, encode_initiate_response
 from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,

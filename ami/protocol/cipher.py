@@ -21,7 +21,6 @@ import hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import AuthenticationFailed, MalformedFrame
-
 from .security_control import (  # noqa: F401  (re-exported)
     IV_LEN,
     KEY_LEN,

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ami.protocol import topics
 from ami.runtime.bus import make_client
 from ami.runtime.service import add_common_arguments
-from ami.protocol import topics
 
 
 async def request(

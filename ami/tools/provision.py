@@ -36,6 +36,7 @@ from ami.runtime.network import (
     meter_title,
 )
 
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

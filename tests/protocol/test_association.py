@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 from ami.protocol.association import (
     Aare,
     Aarq,
+    InitiateRequest,
+    InitiateResponse,
     build_aare,
     build_aarq,
     decode_initiate_request,
     decode_initiate_response,
     encode_initiate_request,
     encode_initiate_response,
-    InitiateRequest,
-    InitiateResponse,
     parse_aare,
     parse_aarq,
 )

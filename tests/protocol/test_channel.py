@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami.protocol import Opener, parse_apdu, ReceiveCounter, seal_apdu, Sealer, SendCounter, Suite0Cipher
+from ami.protocol import Opener, ReceiveCounter, Sealer, SendCounter, Suite0Cipher, parse_apdu, seal_apdu
 from ami.protocol.errors import AuthenticationFailed, CounterNotReserved, MalformedFrame, ReplayedFrame
-from ami.protocol.frames import encode_apdu, GENERAL_DED_CIPHERING, GENERAL_GLO_CIPHERING
+from ami.protocol.frames import GENERAL_DED_CIPHERING, GENERAL_GLO_CIPHERING, encode_apdu
 
 from ._util import FAST, secret
 

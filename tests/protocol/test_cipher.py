@@ -14,13 +14,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ami.protocol import open_apdu, Opener, parse_apdu, ProtocolError, ReceiveCounter, seal_apdu, Suite0Cipher
+from ami.protocol import Opener, ProtocolError, ReceiveCounter, Suite0Cipher, open_apdu, parse_apdu, seal_apdu
 from ami.protocol.errors import AuthenticationFailed, FrameTooLarge, MalformedFrame, UnsupportedSecurity
 from ami.protocol.frames import (
-    encode_apdu,
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     GLO_INITIATE_REQUEST,
+    encode_apdu,
 )
 from ami.protocol import cipher as cipher_module
 from ami.protocol.cipher import check_security_control

@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from ami.protocol import open_apdu, parse_apdu, seal_apdu
 from ami.protocol.errors import CounterExhausted, FrameTooLarge, MalformedFrame
 from ami.protocol.frames import (
-    CipheredApdu,
-    encode_apdu,
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
     MAX_APDU_SIZE,
+    CipheredApdu,
+    encode_apdu,
 )
 from ami.protocol._ber import decode_length, encode_length
 from ami.protocol.frames import DED_SERVICE_TAGS, IC_MAX, _make_apdu, iv_for

@@ -13,37 +13,37 @@ from hypothesis import strategies as st
 
 from ami.protocol import (
     Batch,
+    ProtocolError,
     decode_batch,
     decode_message,
     encode_batch,
     encode_message,
     open_apdu,
     parse_apdu,
-    ProtocolError,
     seal_apdu,
 )
 from ami.protocol.association import (
+    InitiateRequest,
+    InitiateResponse,
     build_aare,
     build_aarq,
     decode_initiate_request,
     decode_initiate_response,
     encode_initiate_request,
     encode_initiate_response,
-    InitiateRequest,
-    InitiateResponse,
     parse_aare,
     parse_aarq,
 )
-from ami.protocol.keys import decode_key_transfer, encode_key_transfer, KeyId
+from ami.protocol.keys import KeyId, decode_key_transfer, encode_key_transfer
 from ami.protocol.messages import (
     Event,
     GapFillReply,
     GapFillRequest,
     KeyTransfer,
     KeyTransferAck,
-    Reading,
     ReadReply,
     ReadRequest,
+    Reading,
     Release,
 )
 from ami.protocol._ber import decode_length

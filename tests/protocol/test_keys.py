@@ -8,18 +8,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from ami.protocol import KeyType, ProtocolError, SecretBytes
-from ami.protocol.association import decode_initiate_request, InitiateRequest
+from ami.protocol.association import InitiateRequest, decode_initiate_request
 from ami.protocol.errors import AuthenticationFailed, KeyLifecycleError, MalformedMessage
 from ami.protocol.keys import (
-    decode_key_transfer,
-    encode_key_transfer,
-    key_type_for,
+    REPROGRAMMABLE,
+    TRANSFER_TARGET,
     KeyId,
     KeySlot,
     KeyState,
-    REPROGRAMMABLE,
     SecuritySetup,
-    TRANSFER_TARGET,
+    decode_key_transfer,
+    encode_key_transfer,
+    key_type_for,
     unwrap_key,
     wrap_key,
 )

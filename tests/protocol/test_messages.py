@@ -18,9 +18,9 @@ from ami.protocol.messages import (
     GapFillRequest,
     KeyTransfer,
     KeyTransferAck,
-    Reading,
     ReadReply,
     ReadRequest,
+    Reading,
     Release,
 )
 from ami.protocol.messages import EVENT_KINDS, MAX_BATCH_BYTES, MAX_BATCH_FRAMES, _make_reading

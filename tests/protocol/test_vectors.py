@@ -5,24 +5,24 @@ from __future__ import annotations
 import pytest
 
 from ami.protocol import (
-    open_apdu,
     Opener,
-    parse_apdu,
     ReceiveCounter,
-    seal_apdu,
     Sealer,
     SecretBytes,
     SendCounter,
+    open_apdu,
+    parse_apdu,
+    seal_apdu,
 )
 from ami.protocol.association import (
+    InitiateRequest,
+    InitiateResponse,
     build_aare,
     build_aarq,
     decode_initiate_request,
     decode_initiate_response,
     encode_initiate_request,
     encode_initiate_response,
-    InitiateRequest,
-    InitiateResponse,
     parse_aare,
     parse_aarq,
 )
@@ -33,7 +33,7 @@ from ami.protocol.frames import (
     GLO_INITIATE_REQUEST,
     GLO_INITIATE_RESPONSE,
 )
-from ami.protocol.keys import decode_key_transfer, encode_key_transfer, KeyId, unwrap_key, wrap_key
+from ami.protocol.keys import KeyId, decode_key_transfer, encode_key_transfer, unwrap_key, wrap_key
 from ami.protocol.frames import iv_for
 
 from ._util import AK, EK, IC, SYSTEM_TITLE, VECTORS, cipher, secret

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import aiomqtt
 
+from ami.protocol import topics
 from ami.runtime.bus import make_client, wait_for_broker
 from ami.runtime.metrics import Metrics, run_monitor
-from ami.protocol import topics
 from ami.runtime.network import load_network
 from ami.runtime.service import run_service
 from ami.runtime.sharding import parse_shard, select
