@@ -43,6 +43,7 @@ __all__ = [
     "StoredMeter",
     "StoredReading",
     "StoredSession",
+    "count_stored_readings",
     "read_store_file",
 ]
 
@@ -321,6 +322,20 @@ class StoreContents:
     def wrapped_blobs(self) -> list[bytes]:
         """Every wrapped key: the key rows', then the sessions'."""
         return [k.wrapped for k in self.keys] + [s.wrapped for s in self.sessions]
+
+
+def count_stored_readings(path: Path | str) -> int | None:
+    """How many readings a SQLite store file holds, read-only (None when there
+    is no readable store there): ``ami loadtest`` counts what was stored so,
+    without a vault and while the head-end may still be writing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT count(*) FROM readings").fetchone()[0])
+    except sqlite3.Error:
+        return None
 
 
 def read_store_file(path: Path | str, *, samples: int = 3) -> StoreContents:

@@ -36,7 +36,7 @@ from ami.security.vault import FileKeyVault
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow
 from headend import store_sql
 from headend.pgstore import PostgresStore
-from headend.store import SqliteStore, StoredReading, read_store_file
+from headend.store import SqliteStore, StoredReading, count_stored_readings, read_store_file
 from headend.store_api import Store, open_store
 
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -608,6 +608,8 @@ def test_read_store_file_needs_no_vault(tmp_path: Path) -> None:
 
         run(body())
         contents = read_store_file(backend.db_path, samples=2)
+        assert count_stored_readings(backend.db_path) == 6  # what ami loadtest counts
+    assert count_stored_readings(tmp_path / "absent.db") is None
     assert contents.path == backend.db_path
     assert [(m.meter, m.system_title.hex(), m.concentrator) for m in contents.meters] == [
         (r["meter"], r["system_title"], r["concentrator"]) for r in records

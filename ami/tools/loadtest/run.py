@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,6 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,7 @@ import psutil
 from ami.protocol import topics
 from ami.runtime.bus import free_port, parse_broker_url, port_open
 from ami.tools.loadtest import report as reportlib
+from headend.store import count_stored_readings
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -657,7 +656,7 @@ class LoadTest:
         self._stop(headend, 60)
         time.sleep(0.3)
         final_headend = col.latest("headend", self.headend_id)
-        stored_rows = count_readings(self.data / "headend.db")
+        stored_rows = count_stored_readings(self.data / "headend.db")
         final = {
             "pushed": pushed,
             "stored": stored_rows if stored_rows is not None else final_headend.get("counters", {}).get(
@@ -874,16 +873,6 @@ def fleet_stopped_counters(log: Path | None) -> dict | None:
         except ValueError:
             continue
     return found
-
-
-def count_readings(db: Path) -> int | None:
-    if not db.exists():
-        return None
-    try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            return int(conn.execute("SELECT count(*) FROM readings").fetchone()[0])
-    except sqlite3.Error:
-        return None
 
 
 def mosquitto_config(port: int) -> str:
