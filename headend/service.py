@@ -155,6 +155,30 @@ class HeadEndService:
                 await self._round(client, time.time())
         finally:
             stopper.cancel()
+        await self._linger(client)
+
+    async def _linger(self, client: aiomqtt.Client) -> None:
+        """Stopping: keep taking what the relays flush, until the bus has been
+        quiet for ``stop_quiet_s``, at most ``stop_linger_s``.
+
+        Under honcho every process gets SIGTERM at once, and the relays then
+        forward their open batches: without this the head-end would stop
+        reading first and those readings would wait in the meters' load
+        curves for a gap-fill after the next start.  So the head-end stops
+        after the relays, as an ordered stop would have it.  (If the broker
+        went first, ``_read`` fails and the session ends this at once.)
+        """
+        quiet = float(self.hcfg.get("stop_quiet_s", 0.3))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(self.hcfg.get("stop_linger_s", 1.5))
+        while (left := deadline - loop.time()) > 0:
+            if not self._inbox:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), min(quiet, left))
+                except TimeoutError:
+                    return  # quiet: nothing more is coming
+            await self._round(client, time.time())
 
     async def _round(self, client: aiomqtt.Client, now: float) -> None:
         engine = self.engine

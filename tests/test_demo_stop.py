@@ -10,6 +10,7 @@ connection errors from aiomqtt/paho are debug lines, not tracebacks
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -149,3 +150,45 @@ def test_ctrl_c_stops_the_demo_quietly(tmp_path: Path) -> None:
     raw_json = [line for line in service_lines if line.lstrip().startswith("{")]
     assert not raw_json, "\n".join(raw_json)
     assert any("[info" in line for line in service_lines), text
+
+
+def test_the_head_end_takes_what_the_relays_flush_when_all_stop_at_once(tmp_path: Path) -> None:
+    """honcho signals every process at once.  The relays forward their open
+    batches when they stop; the head-end keeps reading until the bus is quiet
+    ([headend] stop_quiet_s, at most stop_linger_s) so those readings are
+    stored now instead of waiting for a gap-fill after the next start.
+
+    The relays' batch delay is made long (5 s), so the last readings sit in
+    open batches that only the relays' stop flush forwards."""
+    from harness import Network, wait_until
+
+    env = {
+        "AMI__METERS__TIME_COMPRESSION": "3600",  # one interval every 0.5 s
+        "AMI__CONCENTRATOR__BATCH_MAX_DELAY_MS": "5000",
+        "AMI__MONITOR__METRICS_INTERVAL_S": "0.5",
+    }
+    net = Network(tmp_path, meters=30, concentrators=2, env=env, bus_security=False)
+    net.provision()
+    net.start_broker()
+    monitor = net.collector()
+    try:
+        net.start("headend", "headend")
+        net.start("concentrator", "concentrator")
+        wait_until(lambda: monitor.latest.get(net.topic("concentrator", "status")) == b"online", 30,
+                   what="relays online")
+        net.start("meters", "meters")
+        headend = lambda: monitor.json(net.topic("headend", "metrics")) or {}  # noqa: E731
+        wait_until(lambda: headend().get("counters", {}).get("readings_stored", 0) >= 100, 60,
+                   what="readings stored")
+        assert net.stop("meters") == 0
+        # Now the relays and the head-end together, as honcho does.
+        for name in ("concentrator", "headend"):
+            net.procs[name].send_signal(signal.SIGTERM)
+        assert [net.procs[name].wait(15) for name in ("concentrator", "headend")] == [0, 0]
+    finally:
+        monitor.close()
+        net.kill_all()
+    events = [json.loads(line) for line in net.log_text("meters").splitlines() if line.startswith("{")]
+    pushed = [e for e in events if e.get("event") == "fleet stopped"][-1]["readings_pushed"]
+    stored = sum(len(seqs) for seqs in net.readings().values())
+    assert stored == pushed > 100
