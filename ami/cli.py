@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ami.runtime.config import CONFIG_ENV, config_file, load_config
+from ami.runtime.config import config_file, load_config
 
 #: subcommand -> (module, help).  The module has ``add_arguments(parser, config)`` and
 #: ``main(args, config) -> int``; ``"module:name"`` names ``add_name_arguments`` and ``name_main``
@@ -71,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--config", type=Path)
     known, _ = pre.parse_known_args(argv)
     config_path = config_file(known.config)
-    if config_path is not None:
-        # Processes a command starts (the load test's services) run on the same file.
-        os.environ[CONFIG_ENV] = str(config_path.resolve())
     config = load_config(config_path)
     args = build_parser(config, _command_in(argv)).parse_args(argv)
+    # The file this command runs on, for the processes it starts (the load
+    # test's services get it as $AMI_CONFIG): absolute, None without a file.
+    args.config_file = str(config_path.resolve()) if config_path is not None else None
     _add_arguments, command_main = _entry_points(args._module)
     return int(command_main(args, config) or 0)
 

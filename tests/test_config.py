@@ -151,6 +151,10 @@ def test_ami_config_command(tmp_path, monkeypatch, capsys):
     f = _write(tmp_path / "f.toml", "[headend]\ncounter_block = 64\n")
     monkeypatch.setenv("AMI__HEADEND__SESSION_MAX_AGE_S", "7")
     out = json.loads(_ami_config(capsys, "--config", str(f), "config", "--json"))
+    # The dispatcher hands the file to the processes a command starts through
+    # the command's arguments, never by changing its own environment (which
+    # every later subprocess of a test run would inherit).
+    assert "AMI_CONFIG" not in os.environ
     assert out["config"]["headend"]["session_max_age_s"] == 7
     assert out["config"]["headend"]["counter_block"] == 64
     assert out["config"]["bus"] == DEFAULTS["bus"]

@@ -12,7 +12,7 @@ import pytest
 
 from ami.tools.loadtest import hdr
 from ami.tools.loadtest.report import SCHEMA, build_report, evaluate_thresholds, write_csv
-from ami.tools.loadtest.run import mosquitto_config, pad_for, reading_frame_size
+from ami.tools.loadtest.run import LoadTest, Options, mosquitto_config, pad_for, reading_frame_size
 from harness import AMI, REPO
 
 TOP_KEYS = {"schema", "machine", "config", "window", "frames", "throughput", "latency_ms", "processes", "headend",
@@ -190,3 +190,20 @@ def test_payload_padding_and_mosquitto_config():
     assert pad_for(natural - 1) == 0
     conf = mosquitto_config(12345)
     assert "listener 12345 127.0.0.1" in conf and "max_queued_messages" in conf
+
+
+def test_services_of_a_load_test_run_on_the_callers_configuration_file(tmp_path, monkeypatch):
+    """``ami --config F loadtest``: every service it starts gets F as $AMI_CONFIG."""
+    from ami.cli import build_parser
+    from ami.runtime.config import load_config
+
+    monkeypatch.delenv("AMI_CONFIG", raising=False)
+    f = tmp_path / "site.toml"
+    f.write_text("[headend]\ncounter_block = 64\n")
+    assert "AMI_CONFIG" not in LoadTest(Options())._env()
+    assert LoadTest(Options(config_file=str(f)))._env()["AMI_CONFIG"] == str(f)
+    args = build_parser(load_config(f), "loadtest").parse_args(["--config", str(f), "loadtest", "--meters", "10"])
+    args.config_file = str(f)  # as ami.cli.main sets it
+    from ami.tools.loadtest.cli import options_from_args
+
+    assert options_from_args(args).config_file == str(f)

@@ -125,6 +125,7 @@ def options_from_args(args: argparse.Namespace):
         workdir=args.workdir,
         keep=args.keep,
         env=dict(args.env),
+        config_file=getattr(args, "config_file", None),
         live=not args.quiet,
         profile=args.profile,
     )

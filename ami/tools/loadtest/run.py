@@ -44,6 +44,7 @@ import psutil
 
 from ami.protocol import topics
 from ami.runtime.bus import free_port, parse_broker_url, port_open
+from ami.runtime.config import CONFIG_ENV
 from ami.tools.loadtest import report as reportlib
 from headend.store import count_stored_readings
 
@@ -129,6 +130,7 @@ class Options:
     workdir: Path | None = None
     keep: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    config_file: str | None = None  # the caller's configuration file, handed to every service as $AMI_CONFIG
     live: bool = True
     profile: str | None = None  # "headend", "fleet", "relays", "all": py-spy record each (needs py-spy)
 
@@ -250,6 +252,8 @@ class LoadTest:
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         o = self.o
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if o.config_file:
+            env[CONFIG_ENV] = o.config_file
         env.update({
             "AMI__MONITOR__METRICS_INTERVAL_S": str(o.sample_interval),
             "AMI__BUS__QOS": str(o.qos),
@@ -263,7 +267,7 @@ class LoadTest:
         log = self.workdir / f"{name}.log"
         fh = open(log, "ab")
         try:
-            # Children inherit our folder and, through $AMI_CONFIG (set by ami.cli), our config file.
+            # Children inherit our folder and (see _env) our configuration file.
             proc = subprocess.Popen(argv, env=env or self._env(), stdout=fh, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         finally:
