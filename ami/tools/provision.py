@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
-    if args.if_missing and (args.out / "factory-keys.jsonl").exists():
+    if args.if_missing and (args.out / FACTORY_FILE).exists():
         print(f"{args.out}: already provisioned", file=sys.stderr)
         return 0
     network = provision(args.out, args.meters, args.concentrators, bus_security=not args.no_bus_security)

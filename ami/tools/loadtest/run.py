@@ -3,7 +3,7 @@
 1. provision a fresh network (``--no-bus-security``) in a temporary folder;
 2. start a broker: the embedded amqtt on a free port (default), a private
    Mosquitto on a free port (``--broker mosquitto``), or use ``mqtt://host:port``;
-3. ``--baseline``: the bare phase (ami/loadtest/bare.py): relay-like
+3. ``--baseline``: the bare phase (ami/tools/loadtest/bare.py): relay-like
    subscribers, then fleet-like publishers, for ``--duration`` seconds;
 4. the pipeline: head-end, relays, then the fleet with ``--rate`` and
    ``--stamp``, every service a subprocess configured through
