@@ -164,8 +164,10 @@ class Network:
         return f"ami/v1/monitor/{component}/{self.ids[component]}/{kind}"
 
     def credentials(self) -> dict[str, str]:
-        path = self.data / "bus" / "credentials.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        """Every identity's password (the provisioning host's view; each service reads only its own)."""
+        from ami.security.bus_files import read_all_identities
+
+        return read_all_identities(self.data / "bus")
 
     def collector(self, **kw) -> Collector:
         creds = self.credentials()

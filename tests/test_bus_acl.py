@@ -29,7 +29,8 @@ import pytest
 
 from ami.broker.server import amqtt_config, broker_settings
 from ami.security.bus_acl import acl_allows, bus_users, filter_covers
-from ami.security.bus_files import BusSecurity, mosquitto_pbkdf2_hash, write_bus_security
+from ami.security.bus_files import (BusSecurity, mosquitto_pbkdf2_hash, read_all_identities, read_identity,
+                                     write_bus_security)
 from harness import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,20 +183,24 @@ def test_write_bus_security_files(tmp_path: Path) -> None:
     assert sec.bus_dir == tmp_path / "bus"
     assert sec.users == bus_users(["c0001", "c0002"])
     assert sec.password("plc-c0001") == "pw1"  # rng is the only source of passwords
-    assert json.loads(sec.credentials.read_text()) == {u: sec.password(u) for u in sec.users}
-    assert BusSecurity.at(sec.bus_dir).password("monitor") == sec.password("monitor")
+    # One file per identity, holding that identity's password and nothing else.
+    assert read_all_identities(sec.bus_dir) == {u: sec.password(u) for u in sec.users}
+    assert read_identity(sec.bus_dir, "monitor") == sec.password("monitor")
+    assert sorted(p.name for p in sec.identities.iterdir()) == sorted(f"{u}.secret" for u in sec.users)
+    assert not (sec.bus_dir / "credentials.json").exists()  # no file holds every password
+    assert BusSecurity.at(sec.bus_dir).passwords == {}  # opening the paths reads no secret
 
-    for secret in (sec.credentials, sec.amqtt_passwd, sec.mosquitto_passwd, sec.server_key):
-        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
-    assert stat.S_IMODE(sec.bus_dir.stat().st_mode) == 0o700
-    leftovers = [p.name for p in sec.bus_dir.iterdir() if p.name.endswith((".plain", ".tmp"))]
+    # Everything under bus/ is owner-only (tests/test_broker_auth.py checks a provisioned folder too).
+    for path in [sec.bus_dir, *sec.bus_dir.rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+    leftovers = [p.name for p in sec.bus_dir.rglob("*") if p.name.endswith((".plain", ".tmp"))]
     assert leftovers == []  # no plaintext password file left behind
 
-    # No password appears in clear anywhere but credentials.json.
+    # No password appears in clear anywhere but its own identity file.
     for f in sec.bus_dir.iterdir():
-        if f != sec.credentials:
+        if f.is_file():
             text = f.read_bytes()
-            assert not any(f":{sec.password(u)}".encode() in text for u in sec.users), f
+            assert not any(sec.password(u).encode() in text for u in sec.users), f
 
 
 def test_amqtt_password_file_verifies_with_amqtts_hasher(tmp_path: Path) -> None:

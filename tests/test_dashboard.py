@@ -269,6 +269,9 @@ def test_ami_monitor_against_mosquitto(tmp_path: Path) -> None:
         (f"{M}/concentrator/{relay}/status", b"offline"),
     ]
     asyncio.run(_publish([(t, p, True) for t, p in retained]))
+    from ami.security.bus_files import write_anonymous_marker
+
+    write_anonymous_marker(tmp_path)  # the system Mosquitto is open: say so, clients never assume it
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ami.cli", "monitor", "--plain", "--json", "--duration", "3", "--every", "1",

@@ -20,8 +20,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import format_client_message, gen_client_id
 
 from ami.security.bus_acl import acl_allows
 from ami.security.bus_files import BusSecurity
@@ -94,15 +100,33 @@ class _SnapshotDict(dict):
         return iter(list(super().keys()))
 
 
-class AclBroker(Broker):
-    """amqtt's Broker with its retained-message replay confined to the session.
+class _Refused(MQTTError):
+    """A CONNECT refused before it touched any session (amqtt logs it and moves on)."""
 
-    On every CONNECT, amqtt 0.12.1 replays retained messages for *every*
-    filter any client has subscribed to, to the connecting client, with no
-    topic check: a client that never subscribed receives them (checked: a
-    fresh client got a retained x/1 because another client held x/#).  On
-    the bus that would hand retained monitor metrics to a plc-* identity.
-    Only replay for filters this session holds and, with ACL on, may read.
+
+class AclBroker(Broker):
+    """amqtt 0.12.1's Broker, fixed where it acts for clients it has not authenticated.
+
+    * **Authenticate before anything.**  amqtt looks up the session its client
+      id names *before* checking the password: a clean CONNECT deleted that
+      session (the connected owner lost every subscription and stayed deaf),
+      a persistent one copied its Will, user name and password into the
+      owner's live session, took the connection over (firing that Will, with
+      no ACL check) and stored the refused connection as the session.  Here
+      `_initialize_client_session` checks the password right after reading
+      CONNECT; a refused one gets its CONNACK and is closed, and no session,
+      subscription, Will or retained message is looked at.
+    * **A Will is a publish by its session's user**: checked against the ACL
+      when it fires (`_handle_disconnect`), not only at CONNECT.
+    * **Clean-session takeover disconnects the old connection** (MQTT-3.1.4-2);
+      amqtt only dropped its session, leaving it connected and deaf.
+    * **Retained-message replay is confined to the session.**  On every
+      CONNECT, amqtt 0.12.1 replays retained messages for *every* filter any
+      client has subscribed to, to the connecting client, with no topic
+      check: a client that never subscribed receives them (checked: a fresh
+      client got a retained x/1 because another client held x/#).  On the bus
+      that would hand retained monitor metrics to a plc-* identity.  Only
+      replay for filters this session holds and, with ACL on, may read.
     """
 
     def __init__(self, config: dict[str, Any], *, acl: bool) -> None:
@@ -112,6 +136,93 @@ class AclBroker(Broker):
         # a SUBSCRIBE at that moment raised "dictionary changed size during
         # iteration", killed the broadcast task and stopped all routing.
         self._subscriptions = _SnapshotDict(self._subscriptions)
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's version, with the password checked before the session lookup."""
+        where = format_client_message(address=remote_address, port=remote_port)
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            self.logger.warning(f"[MQTT-3.1.0-1] {where}: Can't read first packet as CONNECT: {exc}")
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            self.logger.warning(f"Invalid connection from {where}")
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            self.logger.error(f"No data from {where} : {exc}")  # noqa: TRY400 (as amqtt)
+            raise AMQTTError(exc) from exc
+
+        # The auth plugins see only what this CONNECT carries (user, password,
+        # Will); nothing in self._sessions has been read or changed yet.
+        if not await self._authenticate(incoming, None):  # type: ignore[arg-type]  # amqtt ignores the listener
+            connack = ConnackPacket.build(0, NOT_AUTHORIZED)  # session present = 0: we looked at none
+            await self.plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
+            try:
+                await connack.to_stream(writer)
+            finally:
+                await writer.close()
+            raise _Refused(f"CONNECT refused (not authorized) from {where}")
+
+        client_id = incoming.client_id
+        if incoming.clean_session:
+            if client_id:
+                await self._take_over(client_id)
+                await self._delete_session(client_id)
+            else:
+                incoming.client_id = gen_client_id()
+            incoming.parent = 0
+            session = incoming
+        elif client_id in self._sessions:
+            # Resume: the new connection brings its own Will, keep-alive and
+            # (authenticated) user; the subscriptions stay with the client id
+            # and AclTopicPlugin checks every delivery against the new user.
+            session, _ = self._sessions[client_id]
+            for attr in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
+                setattr(session, attr, getattr(incoming, attr))
+            session.parent = 1
+        else:
+            incoming.parent = 0
+            session = incoming
+
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if session.keep_alive > 0 and isinstance(delay, int):
+            session.keep_alive += delay
+        session._ami_authenticated = True  # type: ignore[attr-defined]  # one-shot, see _authenticate
+        return handler, session
+
+    async def _take_over(self, client_id: str) -> None:
+        """Disconnect the live connection of `client_id` before its session is replaced."""
+        _session, old_handler = self._sessions.get(client_id, (None, None))
+        if _session is not None and old_handler is not None and _session.transitions.is_connected():
+            self.logger.warning(f"Client {client_id} is already connected, performing take-over.")
+            await old_handler.handle_connection_closed()
+            await old_handler.stop()
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        # _handle_client_session, called right after _initialize_client_session
+        # returned, asks again: that CONNECT has passed (a refused one never
+        # gets there), so take the one-shot mark instead of hashing twice.
+        if session.__dict__.pop("_ami_authenticated", False):
+            return True
+        return await super()._authenticate(session, listener)
+
+    async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
+        # A Will is a publish by the session's user: it needs that user's grant
+        # when it fires.  WillAclAuthPlugin already refused a forbidden Will at
+        # CONNECT; this also covers any later change of a session's user or
+        # Will (a resumed persistent session), whatever amqtt does there.
+        if (
+            self._acl
+            and client_session.will_flag
+            and not acl_allows(client_session.username or "", "publish", client_session.will_topic or "")
+        ):
+            self.logger.warning(f"Will of {client_session.client_id} refused by the ACL")
+            client_session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -191,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     host, port = settings["host"], int(settings["port"])
     bus_dir = Path(settings["bus_dir"]) if settings.get("bus_dir") else None
     tls_port = int(settings["tls_port"]) if settings.get("tls_port") else None
+
+    if bus_dir is not None and not BusSecurity.at(bus_dir).amqtt_passwd.is_file():
+        # Fail closed: asked for auth, and the password hashes are not there.
+        print(f"{parser.prog}: {BusSecurity.at(bus_dir).amqtt_passwd} missing; refusing to start", file=sys.stderr)
+        return 2
 
     # amqtt logs every connection at INFO; keep stderr for warnings and the ready line.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -1,16 +1,19 @@
 """Connecting to the MQTT bus: broker URLs, credentials, TLS and client options.
 
 Every service takes ``--broker mqtt://host:port`` (``mqtts://`` for TLS) and a
-data folder; when ``ami provision`` wrote bus credentials there
-(``DATA/bus/credentials.json``), clients log in as their role's user,
-otherwise they connect anonymously (the embedded default).
+data folder.  When ``ami provision`` wrote bus security there (``DATA/bus/``),
+a client logs in as its role's user with that identity's own secret,
+``DATA/bus/identities/<user>.secret``, and reads no other; if that file is
+missing it raises ``BusIdentityMissing`` instead of trying anonymously.  A
+client connects anonymously only when asked to (``user=None``, e.g. load tests
+against ``ami broker --no-auth``) or when the network was provisioned with
+``--no-bus-security`` (the ``DATA/bus-anonymous`` marker).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
+import secrets
 import socket
 import ssl
 from collections.abc import Iterable
@@ -22,6 +25,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from ami.protocol import topics
+from ami.security.bus_files import BusIdentityMissing, bus_mode, read_identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +46,24 @@ def parse_broker_url(url: str) -> BrokerUrl:
     return BrokerUrl(parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls)
 
 
-def load_credentials(data_dir: Path | None) -> dict[str, str]:
-    """user -> password, or {} when the network was provisioned without bus auth."""
-    if data_dir is None:
-        return {}
-    path = Path(data_dir) / "bus" / "credentials.json"
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
+def load_credentials(data_dir: Path | None, user: str | None) -> tuple[str, str] | None:
+    """(user, password) for the one identity ``user``, or None for an anonymous connection.
+
+    Anonymous only when asked (``user`` or ``data_dir`` None) or when the network
+    was provisioned with ``--no-bus-security``.  On a secured network only
+    ``user``'s own file is read; if it is missing, ``BusIdentityMissing``.
+    """
+    if user is None or data_dir is None:
+        return None
+    mode = bus_mode(Path(data_dir))
+    if mode == "anonymous":
+        return None
+    if mode == "unprovisioned":
+        raise BusIdentityMissing(
+            f"{data_dir} is not a provisioned network (no bus/ folder, no bus-anonymous marker): run "
+            "`ami provision` (add --no-bus-security for an open bus); not connecting anonymously"
+        )
+    return user, read_identity(Path(data_dir) / "bus", user)
 
 
 class Client(aiomqtt.Client):
@@ -141,23 +155,23 @@ def make_client(
     status_topic: str | None = None,
     max_inflight: int = 1000,
 ) -> aiomqtt.Client:
-    """An aiomqtt client for ``user``, with TCP_NODELAY, TLS and a Last Will."""
+    """An aiomqtt client for ``user``, with TCP_NODELAY, TLS and a Last Will.
+
+    ``user=None`` asks for an anonymous connection; otherwise see
+    `load_credentials` (never a silent anonymous fallback).
+    """
     url = broker if isinstance(broker, BrokerUrl) else parse_broker_url(broker)
-    credentials = load_credentials(data_dir)
-    username = password = None
-    if credentials and user is not None:
-        if user not in credentials:
-            raise KeyError(f"no bus credentials for user {user!r}")
-        username, password = user, credentials[user]
+    credentials = load_credentials(data_dir, user)
+    username, password = credentials if credentials else (None, None)
     tls_context = None
     if url.tls:
         ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
         tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
     will = aiomqtt.Will(status_topic, b"offline", qos=1, retain=True) if status_topic else None
-    if identifier is not None:
-        # Two clients with one id kick each other off the broker: keep the
-        # readable name, make it unique per process.
-        identifier = f"{identifier}-{os.getpid()}"
+    # Two clients with one id kick each other off the broker, and whoever can
+    # predict an id can aim at that session: keep the readable name, add 64
+    # random bits (not the pid, which the retained metrics publish).
+    identifier = f"{identifier or user or 'anon'}-{secrets.token_hex(8)}"
     client = Client(
         url.host,
         url.port,
@@ -223,4 +237,4 @@ async def wait_for_broker(broker: str, *, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.2)
 
 
-__all__ = ["BrokerUrl", "Client", "free_port", "port_open", "parse_broker_url", "load_credentials", "make_client", "publish_all", "wait_for_broker", "topics"]
+__all__ = ["BrokerUrl", "Client", "free_port", "port_open", "parse_broker_url", "load_credentials", "BusIdentityMissing", "make_client", "publish_all", "wait_for_broker", "topics"]

@@ -1,6 +1,15 @@
-"""Bus security files: credentials, password files, ACL files and TLS material
-that make both brokers (embedded amqtt, or Mosquitto) enforce the table of
-ami.security.bus_acl.  See docs/bus-security.md.
+"""Bus security files: one secret per identity, password files, ACL files and
+TLS material that make both brokers (embedded amqtt, or Mosquitto) enforce the
+table of ami.security.bus_acl.  See docs/bus-security.md.
+
+Least privilege at rest: each identity's password lives in its own file,
+``bus/identities/<user>.secret`` (0600, folder 0700); a process reads only the
+identities it logs in as, and the brokers read only password *hashes*.  Every
+file under ``bus/`` is 0600 and every folder 0700.
+
+Whether a data folder runs an authenticated bus is recorded, never guessed:
+``bus/`` exists (secured), or provisioning with ``--no-bus-security`` wrote the
+``bus-anonymous`` marker (open bus, explicitly); see `bus_mode`.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ami.security.bus_acl import bus_users, permissions
 
@@ -28,10 +37,72 @@ class _TokenSource(Protocol):
     def token_urlsafe(self, nbytes: int | None = ...) -> str: ...
 
 
+#: Written by ``ami provision --no-bus-security``: the network's bus is open on purpose.
+ANONYMOUS_MARKER = "bus-anonymous"
+IDENTITIES_DIR = "identities"
+SECRET_SUFFIX = ".secret"
+
+BusMode = Literal["secured", "anonymous", "unprovisioned"]
+
+
+class BusIdentityMissing(RuntimeError):
+    """A secured network's identity file this process needs is not there."""
+
+
+def bus_mode(data_dir: Path) -> BusMode:
+    """How the network in `data_dir` was provisioned: ``secured`` (``bus/``
+    exists), ``anonymous`` (the ``--no-bus-security`` marker), else
+    ``unprovisioned``.  Secured wins over a stale marker."""
+    data_dir = Path(data_dir)
+    if (data_dir / "bus").is_dir():
+        return "secured"
+    if (data_dir / ANONYMOUS_MARKER).exists():
+        return "anonymous"
+    return "unprovisioned"
+
+
+def write_anonymous_marker(data_dir: Path) -> Path:
+    """Record that this network's bus is open on purpose (``--no-bus-security``)."""
+    path = Path(data_dir) / ANONYMOUS_MARKER
+    _write(path, "provisioned with --no-bus-security: services connect to the bus anonymously\n", 0o600)
+    return path
+
+
+def identity_path(bus_dir: Path, user: str) -> Path:
+    if permissions(user) is None:
+        raise ValueError(f"unknown bus identity {user!r}")
+    return Path(bus_dir) / IDENTITIES_DIR / f"{user}{SECRET_SUFFIX}"
+
+
+def read_identity(bus_dir: Path, user: str) -> str:
+    """The password of one identity, read from its own file (and only that one)."""
+    path = identity_path(bus_dir, user)
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise BusIdentityMissing(
+            f"bus identity {user!r} missing: {path} does not exist; this network was provisioned with bus "
+            "security, so this process must be given that identity's file (re-run `ami provision` or copy it "
+            "from the provisioning host); it will not fall back to an anonymous connection"
+        ) from None
+
+
+def read_all_identities(bus_dir: Path) -> dict[str, str]:
+    """Every identity's password: for the provisioning host and tests only, never a service."""
+    folder = Path(bus_dir) / IDENTITIES_DIR
+    if not folder.is_dir():
+        return {}
+    return {
+        f.name[: -len(SECRET_SUFFIX)]: f.read_text(encoding="ascii").strip()
+        for f in sorted(folder.iterdir())
+        if f.name.endswith(SECRET_SUFFIX)
+    }
+
+
 @dataclass(frozen=True)
 class BusSecurity:
     bus_dir: Path
-    credentials: Path
+    identities: Path
     amqtt_passwd: Path
     amqtt_acl: Path
     mosquitto_passwd: Path
@@ -40,6 +111,7 @@ class BusSecurity:
     ca: Path
     server_cert: Path
     server_key: Path
+    #: Only filled by write_bus_security (the provisioning host); `at` reads no secret.
     passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -49,15 +121,16 @@ class BusSecurity:
     def password(self, user: str) -> str:
         return self.passwords[user]
 
+    def identity(self, user: str) -> Path:
+        return identity_path(self.bus_dir, user)
+
     @classmethod
     def at(cls, bus_dir: Path) -> BusSecurity:
-        """Paths under an existing bus dir, passwords read from credentials.json."""
+        """Paths under an existing bus dir; no password is read."""
         bus_dir = Path(bus_dir)
-        creds = bus_dir / "credentials.json"
-        passwords = json.loads(creds.read_text()) if creds.exists() else {}
         return cls(
             bus_dir=bus_dir,
-            credentials=creds,
+            identities=bus_dir / IDENTITIES_DIR,
             amqtt_passwd=bus_dir / "amqtt_passwd",
             amqtt_acl=bus_dir / "amqtt_acl.json",
             mosquitto_passwd=bus_dir / "passwd",
@@ -66,7 +139,6 @@ class BusSecurity:
             ca=bus_dir / "ca.pem",
             server_cert=bus_dir / "server.pem",
             server_key=bus_dir / "server.key",
-            passwords=passwords,
         )
 
 
@@ -91,26 +163,36 @@ def write_bus_security(
     tls_port: int = 8883,
     server_names: Sequence[str] = ("localhost", "127.0.0.1", "::1"),
 ) -> BusSecurity:
-    """Generate credentials, ACLs and TLS material under `out_dir/bus/`.
+    """Generate identity secrets, password hashes, ACLs and TLS material under `out_dir/bus/`.
 
     Everything is regenerated: new passwords, a new CA.  The ports only go
     into the Mosquitto config; amqtt takes them from ami.broker's settings.
     """
     bus_dir = Path(out_dir) / "bus"
-    bus_dir.mkdir(parents=True, exist_ok=True)
+    bus_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(bus_dir, 0o700)
     # 32 random bytes: a slow password hash adds nothing against brute force,
     # which is why the amqtt hashes below can use cheap Argon2 parameters.
     passwords = {user: rng.token_urlsafe(32) for user in bus_users(concentrators)}
     sec = dataclasses.replace(BusSecurity.at(bus_dir), passwords=passwords)
 
-    _write(sec.credentials, json.dumps(passwords, indent=2) + "\n", 0o600)
+    # One file per identity, so that a host is handed only its own.
+    sec.identities.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(sec.identities, 0o700)
+    for stale in sec.identities.iterdir():
+        if stale.name.endswith(SECRET_SUFFIX) and stale.name[: -len(SECRET_SUFFIX)] not in passwords:
+            stale.unlink()
+    for user, pw in passwords.items():
+        _write(sec.identity(user), pw + "\n", 0o600)
+    (bus_dir / "credentials.json").unlink(missing_ok=True)  # the old every-password file
+    (Path(out_dir) / ANONYMOUS_MARKER).unlink(missing_ok=True)
+    # The brokers get hashes only; every file here is 0600 (nobody else's business).
     _write(sec.amqtt_passwd, _amqtt_passwd(passwords), 0o600)
-    _write(sec.amqtt_acl, json.dumps(amqtt_acl_config(passwords), indent=2) + "\n", 0o644)
+    _write(sec.amqtt_acl, json.dumps(amqtt_acl_config(passwords), indent=2) + "\n", 0o600)
     _write_mosquitto_passwd(sec.mosquitto_passwd, passwords)
-    _write(sec.mosquitto_acl, mosquitto_acl(passwords), 0o644)
+    _write(sec.mosquitto_acl, mosquitto_acl(passwords), 0o600)
     _write_tls(sec, server_names)
-    _write(sec.mosquitto_conf, mosquitto_conf(sec, mqtt_port=mqtt_port, tls_port=tls_port), 0o644)
+    _write(sec.mosquitto_conf, mosquitto_conf(sec, mqtt_port=mqtt_port, tls_port=tls_port), 0o600)
     return sec
 
 
@@ -266,8 +348,8 @@ def _write_tls(sec: BusSecurity, server_names: Sequence[str]) -> None:
     )
 
     pem = serialization.Encoding.PEM
-    _write(sec.ca, ca_cert.public_bytes(pem), 0o644)
-    _write(sec.server_cert, cert.public_bytes(pem), 0o644)
+    _write(sec.ca, ca_cert.public_bytes(pem), 0o600)
+    _write(sec.server_cert, cert.public_bytes(pem), 0o600)
     _write(
         sec.server_key,
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),

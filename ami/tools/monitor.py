@@ -492,5 +492,12 @@ def main(args: argparse.Namespace, config: dict) -> int:
     except KeyError as exc:  # provisioned with bus auth, but no monitor user
         print(f"ami monitor: {exc.args[0]}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # BusIdentityMissing: the monitor identity's file is not here
+        from ami.security.bus_files import BusIdentityMissing
+
+        if not isinstance(exc, BusIdentityMissing):
+            raise
+        print(f"ami monitor: {exc}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 0

@@ -5,7 +5,7 @@ Runnable evidence for docs/security.md, in three sub-actions:
 ``ami attack capture --out FILE --duration S [--user relay-c0001 ...]``
     What a compromised relay or broker operator sees: subscribes to the PLC
     and WAN topics (as each ``--user``, with its password from
-    DATA/bus/credentials.json, or anonymously) and writes every message as a
+    DATA/bus/identities/<user>.secret, or anonymously) and writes every message as a
     msgpack record ``{"t", "u", "topic", "p"}``.  Reports how many frames it
     saw and shows they are ciphertext: nothing in them decodes.
 
