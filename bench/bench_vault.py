@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ami.security.vault import FileKeyVault, KeyVault, Pkcs11KeyVault
+from ami.security.vault import FileKeyVault, KeyVault, Pkcs11KeyVault, key_identity
 
 SOFTHSM_LIB = os.environ.get("SOFTHSM2_LIB", "/usr/lib/softhsm/libsofthsm2.so")
 
@@ -35,21 +35,22 @@ def rate(n: int, fn: Callable[[], object]) -> float:
 
 def measure(vault: KeyVault, n: int) -> dict[str, float]:
     keys = [secrets.token_bytes(16) for _ in range(n)]
+    ids = [key_identity(f"m{i:07d}", "cc_lan", 1) for i in range(n)]  # each key bound to its row
     wrapped: list[bytes] = []
-    res = {"wrap/s": rate(n, lambda: wrapped.extend(vault.wrap(k) for k in keys))}
-    res["unwrap/s"] = rate(n, lambda: [vault.unwrap(w) for w in wrapped])
-    res["unwrap_many/s"] = rate(n, lambda: vault.unwrap_many(wrapped))
+    res = {"wrap/s": rate(n, lambda: wrapped.extend(vault.wrap(k, i) for k, i in zip(keys, ids)))}
+    res["unwrap/s"] = rate(n, lambda: [vault.unwrap(w, i) for w, i in zip(wrapped, ids)])
+    res["unwrap_many/s"] = rate(n, lambda: vault.unwrap_many(wrapped, ids))
 
     # 8 caller threads at once: what a busy async head-end would see.
     per = n // 8
 
     def worker(i: int) -> None:
-        for w in wrapped[i * per:(i + 1) * per]:
-            vault.unwrap(w)
+        for j in range(i * per, (i + 1) * per):
+            vault.unwrap(wrapped[j], ids[j])
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         res["unwrap/s 8 thr"] = rate(per * 8, lambda: list(pool.map(worker, range(8))))
-    assert vault.unwrap_many(wrapped[:100]) == keys[:100]
+    assert vault.unwrap_many(wrapped[:100], ids[:100]) == keys[:100]
     return res
 
 

@@ -4,8 +4,8 @@ Same interface (:class:`headend.store_api.Store`), semantics and SQL
 (:mod:`headend.store_sql`, with ``$n`` placeholders) as
 :class:`headend.store.SqliteStore`:
 
-* every key is wrapped with the vault (RFC 3394 under the KEK) *before* it
-  is sent to the server, and unwrapped with one ``unwrap_many`` at load: the
+* every key is wrapped with the vault (RFC 3394 under the KEK, bound to its
+  row) *before* it is sent to the server, and unwrapped with one ``unwrap_many`` at load: the
   database, its WAL, its backups and ``pg_dump`` only ever see wrapped keys;
 * one :class:`Commit` is one transaction: readings, counter marks,
   lowest-acceptable values, sessions and gaps become visible together or not
@@ -27,8 +27,14 @@ Differences, all deliberate:
   ``?search_path=NAME`` (sent as a server setting) also work, but the
   schema must then already exist.
 * durability follows the server's ``synchronous_commit`` (default ``on``:
-  a committed batch survives an OS crash, stronger than SQLite's
-  ``synchronous=NORMAL``).
+  a committed batch survives an OS crash, as SQLite's ``synchronous=FULL``).
+  Do not turn it off for this database: counter marks must survive.
+* the writer lease's OS-level lock is a session-level advisory lock
+  (``pg_try_advisory_lock``, keyed by the schema) held on a connection of
+  its own for the store's life; the ``lease`` row and its fence are the same
+  as SQLite's (:mod:`headend.store_sql`).  If that connection dies (server
+  restart, network cut) another head-end may take over: this one is then
+  fenced at its next commit.
 
 Readings are bulk-loaded with COPY into a per-connection temporary table,
 then moved with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``: for
@@ -42,7 +48,9 @@ front of this store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import time
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from itertools import groupby
@@ -53,16 +61,20 @@ import msgpack
 
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
-from ami.security.vault import KeyVault
+from ami.runtime.logs import get_logger
+from ami.security.vault import KeyVault, key_identity, session_identity
 from headend import store_sql
-from headend.store_sql import numbered
+from headend.store_sql import Fenced, StoreLocked, lease_owner, numbered, unwrap_one, unwrap_rows
+
+log = get_logger("store")
 
 __all__ = ["SCHEMA", "PostgresStore"]
 
 # The SQLite schema, translated.  Integers are BIGINT everywhere (SQLite's
 # INTEGER is 64-bit: a value SQLite accepts must not overflow here).  The
-# CHECK on the wrapped columns is defence in depth: an RFC 3394 blob is
-# 24/32/40 bytes, a clear 16-byte key can never be stored by mistake.
+# CHECK on the wrapped columns is defence in depth: a bound blob is 48/56/64
+# bytes (an old unbound one 24/32/40, re-wrapped at the writer's first open),
+# a clear 16-byte key can never be stored by mistake.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meters (
     meter TEXT PRIMARY KEY,
@@ -76,7 +88,7 @@ CREATE TABLE IF NOT EXISTS keys (
     key_type TEXT NOT NULL,
     version BIGINT NOT NULL,
     state TEXT NOT NULL,
-    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40)),
+    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40, 48, 56, 64)),
     created DOUBLE PRECISION NOT NULL,
     tx_mark BIGINT NOT NULL DEFAULT 0,
     rx_lowest BIGINT NOT NULL DEFAULT 0,
@@ -86,7 +98,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     meter TEXT NOT NULL,
     pending BOOLEAN NOT NULL,
     serial BIGINT NOT NULL,
-    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40)),
+    wrapped BYTEA NOT NULL CHECK (octet_length(wrapped) IN (24, 32, 40, 48, 56, 64)),
     created DOUBLE PRECISION NOT NULL,
     tx_mark BIGINT NOT NULL,
     rx_lowest BIGINT NOT NULL,
@@ -104,6 +116,28 @@ CREATE TABLE IF NOT EXISTS readings (
     received DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (meter, seq)
 );
+CREATE TABLE IF NOT EXISTS lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    heartbeat DOUBLE PRECISION NOT NULL
+);
+"""
+# Tables created before wrapped keys were bound allow only 24/32/40 bytes.
+_WIDEN_WRAPPED_CHECKS = """
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['keys', 'sessions'] LOOP
+        IF EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(t) AND contype = 'c'
+                   AND conname = t || '_wrapped_check'
+                   AND pg_get_constraintdef(oid) NOT LIKE '%48%') THEN
+            EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', t, t || '_wrapped_check');
+            EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (octet_length(wrapped) IN (24, 32, 40, 48, 56, 64))',
+                           t, t || '_wrapped_check');
+        END IF;
+    END LOOP;
+END $$;
 """
 
 # Per connection, emptied at every commit.  Same NOT NULL constraints as
@@ -139,6 +173,10 @@ _INSERT_METER = numbered(store_sql.INSERT_METER)
 _INSERT_FACTORY_KEY = numbered(store_sql.INSERT_FACTORY_KEY)
 _ACTIVE_VERSION = numbered(store_sql.ACTIVE_VERSION)
 _ACTIVE_KEY = numbered(store_sql.ACTIVE_KEY)
+_TAKE_LEASE = numbered(store_sql.TAKE_LEASE)
+_FENCE = numbered(store_sql.FENCE)
+_REWRAP_KEY = numbered(store_sql.REWRAP_KEY)
+_REWRAP_SESSION = numbered(store_sql.REWRAP_SESSION)
 
 # Serialises schema creation and factory imports between processes.
 _LOCK_ID = 0x6865_6164_656E_6400  # b"headend\0": any fixed bigint will do
@@ -198,6 +236,11 @@ class PostgresStore:
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._write_lock = asyncio.Lock()
+        self.epoch = 0  # the lease epoch this writer holds (0: not the writer)
+        self.unwrap_failures = 0  # rows whose wrapped key failed to unwrap
+        self._owner: str | None = None
+        self._fenced: str | None = None
+        self._lease_conn: asyncpg.Connection | None = None  # holds the advisory lock
 
     def __repr__(self) -> str:
         schema = f" schema={self.schema}" if self.schema else ""
@@ -205,7 +248,7 @@ class PostgresStore:
 
     # -- life cycle ---------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, *, writer: bool = False) -> None:
         settings = {"search_path": _quote_ident(self.schema)} if self.schema else None
         if self.schema:
             # Before the pool: its connections' init must not race the schema.
@@ -223,11 +266,74 @@ class PostgresStore:
         )
         try:
             async with pool.acquire() as conn:
-                await self._create_schema(conn, SCHEMA)
+                await self._create_schema(conn, SCHEMA + _WIDEN_WRAPPED_CHECKS)
+            if writer:
+                await self._take_lease(pool, settings)
         except BaseException:
             await pool.close()
+            if self._lease_conn is not None:
+                await self._lease_conn.close()
+                self._lease_conn = None
             raise
         self._pool = pool
+
+    async def _take_lease(self, pool: asyncpg.Pool, settings: dict | None) -> None:
+        conn = self._lease_conn = await asyncpg.connect(self._dsn, server_settings=settings)
+        schema = await conn.fetchval("SELECT current_schema()")
+        # One lock per (database, schema): stores in other schemas are others.
+        lock_id = int.from_bytes(hashlib.blake2b(f"ami-headend-lease|{schema}".encode(), digest_size=8).digest(),
+                                 "big", signed=True)
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_id):
+            row = await conn.fetchrow(store_sql.LEASE_OWNER)
+            holder = f"owner {row['owner']}, epoch {row['epoch']}" if row else "advisory lock held"
+            raise StoreLocked(
+                f"store {self!r} is in use by another head-end ({holder}): a second writer would reuse IVs; stop "
+                "the other one first"
+            )
+        owner = lease_owner()
+        async with pool.acquire() as tx, tx.transaction():
+            await tx.execute("LOCK TABLE lease IN EXCLUSIVE MODE")
+            row = await tx.fetchrow(store_sql.LEASE_OWNER)
+            epoch = (int(row["epoch"]) if row else 0) + 1
+            await tx.execute(_TAKE_LEASE, owner, epoch, time.time())
+            keys = [tuple(r) for r in await tx.fetch(store_sql.SELECT_ALL_WRAPPED_KEYS)]
+            sessions = [tuple(r) for r in await tx.fetch(store_sql.SELECT_ALL_WRAPPED_SESSIONS)]
+            key_args, session_args = await asyncio.to_thread(store_sql.rewrap_legacy, self.vault, keys, sessions)
+            if key_args:
+                await tx.executemany(_REWRAP_KEY, key_args)
+            if session_args:
+                await tx.executemany(_REWRAP_SESSION, session_args)
+        if key_args or session_args:
+            log.warning("store_rewrapped", store=repr(self), keys=len(key_args), sessions=len(session_args))
+        if row:
+            log.info("store_lease_taken_over", store=repr(self), previous=row["owner"], epoch=epoch)
+        self._owner, self.epoch = owner, epoch
+
+    async def _fence(self, conn: asyncpg.Connection) -> None:
+        """First statement of every write transaction: the lease still ours, or Fenced."""
+        if self._fenced:
+            raise Fenced(self._fenced)
+        if self._owner is None:
+            raise Fenced(f"store {self!r} was opened read-only (open(writer=True) to write)")
+        status = await conn.execute(_FENCE, time.time(), self.epoch, self._owner)
+        if status != "UPDATE 1":
+            self._fenced = (
+                f"store {self!r}: another head-end took the writer lease over (this one held epoch {self.epoch}); "
+                "nothing was committed"
+            )
+            log.error("store_fenced", store=repr(self), epoch=self.epoch)
+            raise Fenced(self._fenced)
+
+    async def _check_lease(self) -> None:
+        if self._fenced:
+            raise Fenced(self._fenced)
+        if self._owner is None:
+            return
+        row = await self._require_pool().fetchrow(store_sql.LEASE_OWNER)
+        if row is None or row["owner"] != self._owner or int(row["epoch"]) != self.epoch:
+            self._fenced = f"store {self!r}: another head-end took the writer lease over (epoch {self.epoch})"
+            log.error("store_fenced", store=repr(self), epoch=self.epoch)
+            raise Fenced(self._fenced)
 
     @staticmethod
     async def _create_schema(conn: asyncpg.Connection, sql: str) -> None:
@@ -241,6 +347,9 @@ class PostgresStore:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+        if self._lease_conn is not None:
+            conn, self._lease_conn = self._lease_conn, None
+            await conn.close()  # ends the session: the advisory lock goes with it
 
     def _require_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -254,6 +363,7 @@ class PostgresStore:
         records = list(records)
         pool = self._require_pool()
         async with self._write_lock, pool.acquire() as conn, conn.transaction():
+            await self._fence(conn)
             # Read "known" under the lock so two head-ends starting at once
             # do not both import (and then collide on) the same meters.
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
@@ -276,7 +386,8 @@ class PostgresStore:
         for r in fresh:
             for key_type in (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE):
                 raw = bytes.fromhex(r[key_type.value])
-                rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, wrap(raw), now))
+                wrapped = wrap(raw, key_identity(r["meter"], key_type.value, 1))
+                rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, wrapped, now))
         return rows
 
     # -- cold start ---------------------------------------------------------
@@ -288,13 +399,12 @@ class PostgresStore:
             meter_rows = await conn.fetch(store_sql.SELECT_METERS)
             raw_keys = await conn.fetch(store_sql.SELECT_LIVE_KEYS)
             raw_sessions = await conn.fetch(store_sql.SELECT_SESSIONS)
+            raw_versions = await conn.fetch(store_sql.SELECT_MAX_VERSIONS)
         meters = [
             MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
             for m, t, c, h, g in meter_rows
         ]
-        # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
-        blobs = [bytes(r["wrapped"]) for r in raw_keys] + [bytes(r["wrapped"]) for r in raw_sessions]
-        clear = await asyncio.to_thread(self.vault.unwrap_many, blobs)
+        clear = await asyncio.to_thread(unwrap_rows, self, raw_keys, raw_sessions)
         keys = [
             KeyRow(m, KeyType(kt), v, KeyState(st), cr, tx, rx, SecretBytes(clear[i]))
             for i, (m, kt, v, st, _w, cr, tx, rx) in enumerate(raw_keys)
@@ -304,16 +414,21 @@ class PostgresStore:
             SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]), pending=p, lan_version=lv)
             for i, (m, serial, _w, cr, tx, rx, fr, p, lv) in enumerate(raw_sessions)
         ]
-        return Snapshot(meters, keys, sessions)
+        versions = {(m, KeyType(kt)): v for m, kt, v in raw_versions}
+        return Snapshot(meters, keys, sessions, versions)
 
     # -- batched commits ----------------------------------------------------
 
     async def commit(self, batch: Commit) -> None:
         if not batch:
+            await self._check_lease()
             return
         pool = self._require_pool()
-        to_wrap = [k.key for k in batch.keys if k.key is not None] + [
-            s.key for s in batch.sessions if s.key is not None and not s.deleted
+        if self._fenced or self._owner is None:
+            raise Fenced(self._fenced or f"store {self!r} was opened read-only (open(writer=True) to write)")
+        to_wrap = [(k.key, key_identity(k.meter, k.key_type.value, k.version)) for k in batch.keys
+                   if k.key is not None] + [
+            (s.key, session_identity(s.meter, s.serial)) for s in batch.sessions if s.key is not None and not s.deleted
         ]
         wrapped = iter(await asyncio.to_thread(self._wrap_all, to_wrap) if to_wrap else ())
         # Wrap (possibly HSM round trips) and build every statement's
@@ -343,6 +458,7 @@ class PostgresStore:
         ]
         meter_args = [(m.high_seq, msgpack.packb(m.gaps) if m.gaps else None, m.meter) for m in batch.meters]
         async with self._write_lock, pool.acquire() as conn, conn.transaction():
+            await self._fence(conn)
             if batch.readings:
                 await self._insert_readings(conn, batch.readings)
             await _run_in_order(conn, key_ops)
@@ -350,9 +466,9 @@ class PostgresStore:
             if meter_args:
                 await conn.executemany(_UPDATE_METER, meter_args)
 
-    def _wrap_all(self, keys: list[bytes]) -> list[bytes]:
+    def _wrap_all(self, keys: list[tuple[bytes, bytes]]) -> list[bytes]:
         wrap = self.vault.wrap
-        return [wrap(k) for k in keys]
+        return [wrap(k, identity) for k, identity in keys]
 
     @staticmethod
     async def _insert_readings(conn: asyncpg.Connection, readings: Sequence[tuple]) -> None:
@@ -384,7 +500,8 @@ class PostgresStore:
         rows = await self.query(_ACTIVE_KEY, (meter, key_type.value))
         if not rows:
             raise KeyError(f"no active {key_type.value} for {meter}")
-        return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))
+        identity = key_identity(meter, key_type.value, int(rows[0][1]))
+        return SecretBytes(await asyncio.to_thread(unwrap_one, self, bytes(rows[0][0]), identity))
 
 
 async def _run_in_order(conn: asyncpg.Connection, ops: list[tuple[str, tuple]]) -> None:

@@ -5,6 +5,18 @@ commands), feed the engine, run its timers, **commit** what it produced,
 then publish the downlink, replies and events.  Work that arrives while a
 commit is running waits for the next round, so commits group themselves
 under load (one transaction for many batches) and stay small when idle.
+
+The store is opened as the single writer (``StoreLocked``: another head-end
+runs on it; exit 3 before anything is sent).  A commit that raises
+``Fenced`` (another head-end took the store over) is fatal: the frames,
+replies and events drained with it are never published.
+
+The inbox is bounded: operator commands wait in a small queue of their own,
+served first; WAN messages beyond ``inbox_max`` are dropped and counted
+(``inbox_dropped``).  A dropped WAN batch loses no reading: the meters keep
+their load curves, and the engine asks for the missing sequence numbers
+(gap-fill) when the next reading of those meters arrives; a dropped
+acknowledgement or association answer is recovered by the engine's timeouts.
 """
 
 from __future__ import annotations
@@ -30,12 +42,47 @@ from ami.runtime.logs import get_logger
 from ami.runtime.metrics import Metrics, event_payload, publish_status
 from ami.runtime.network import iter_factory_keys, load_network
 from ami.security.vault import open_vault
-from headend.store_api import open_store
+from headend.store_api import Fenced, StoreError, open_store
 
 log = get_logger("headend")
 MAX_COMMAND_BYTES = 64 * 1024
 DOWNLINK_BATCH = 500  # frames per WAN downlink message
 LATENCY_MAX_US = 600_000_000  # 10 minutes
+COMMANDS_MAX = 1000  # operator commands waiting (their own queue: a WAN flood never drops one)
+EXIT_STORE_REFUSED = 3  # another head-end holds (or took over) the store
+
+
+class Inbox:
+    """The bounded inbox: operator commands in a queue of their own (at most
+    ``commands_max``), served first, so a WAN flood never drops one; WAN
+    messages beyond ``wan_max`` are dropped at the tail and counted.  The
+    readings of a dropped WAN batch stay in the meters' load curves and come
+    back by gap-fill."""
+
+    def __init__(self, wan_max: int, commands_max: int = COMMANDS_MAX) -> None:
+        self.wan: deque[Any] = deque()
+        self.commands: deque[Any] = deque()
+        self.wan_max = max(1, int(wan_max))
+        self.commands_max = commands_max
+        self.dropped = 0  # WAN messages
+        self.commands_dropped = 0
+
+    def put(self, item: Any, *, command: bool) -> bool:
+        queue, limit = (self.commands, self.commands_max) if command else (self.wan, self.wan_max)
+        if len(queue) >= limit:
+            if command:
+                self.commands_dropped += 1
+            else:
+                self.dropped += 1
+            return False
+        queue.append(item)
+        return True
+
+    def pop(self) -> Any:
+        return (self.commands or self.wan).popleft()
+
+    def __len__(self) -> int:
+        return len(self.commands) + len(self.wan)
 
 
 class HeadEndService:
@@ -49,7 +96,7 @@ class HeadEndService:
         self.metrics = Metrics("headend", ident)
         self.latency_total = HdrHistogram(1, LATENCY_MAX_US, 3)
         self.latency_interval = HdrHistogram(1, LATENCY_MAX_US, 3)
-        self._inbox: deque[aiomqtt.Message] = deque()
+        self._inbox = Inbox(int(self.hcfg.get("inbox_max", 10000)))
         self._wakeup = asyncio.Event()
         self._downlink_seq = 0
         self._tick_interval = float(self.hcfg.get("commit_interval_ms", 200)) / 1000
@@ -61,7 +108,7 @@ class HeadEndService:
         network = load_network(self.data_dir)
         self.vault = open_vault(self.hcfg.get("vault", "file:headend.kek"), data_dir=self.data_dir)
         self.store = open_store(self.hcfg.get("store", "sqlite:headend.db"), self.vault, self.data_dir)
-        await self.store.open()
+        await self.store.open(writer=True)  # StoreLocked if another head-end runs on it
         imported = await self.store.import_factory(iter_factory_keys(self.data_dir), time.time())
         snapshot = await self.store.load()
         self.engine = HeadEndEngine(
@@ -80,7 +127,21 @@ class HeadEndService:
         )
 
     async def run(self, stop: asyncio.Event) -> int:
-        await self.start_engine()
+        try:
+            await self.start_engine()
+        except StoreError as exc:  # StoreLocked: another head-end runs on it; a store refused
+            log.error("headend_store_refused", kind=type(exc).__name__, error=str(exc))
+            await self.store.close()
+            self.vault.close()
+            return EXIT_STORE_REFUSED
+        try:
+            return await self._run(stop)
+        except Fenced as exc:
+            # Another head-end took the store over: stop at once, publish nothing more.
+            log.error("headend_fenced", error=str(exc))
+            return EXIT_STORE_REFUSED
+
+    async def _run(self, stop: asyncio.Event) -> int:
         status = topics.monitor_status("headend", self.ident)
 
         def connect() -> aiomqtt.Client:
@@ -139,7 +200,10 @@ class HeadEndService:
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self._inbox.append(message)
+            self._enqueue(message)
+
+    def _enqueue(self, message: aiomqtt.Message) -> None:
+        if self._inbox.put(message, command=message.topic.matches(topics.HEADEND_COMMANDS)):
             self._wakeup.set()
 
     async def _loop(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
@@ -184,7 +248,7 @@ class HeadEndService:
         engine = self.engine
         handled = 0
         while self._inbox and handled < 2000:
-            message = self._inbox.popleft()
+            message = self._inbox.pop()
             handled += 1
             payload = message.payload
             if not isinstance(payload, (bytes, bytearray)):
@@ -238,6 +302,7 @@ class HeadEndService:
         m = self.metrics
         m.counters.clear()
         m.counters.update(engine.counters)
+        m.counters.update(inbox_dropped=self._inbox.dropped, commands_dropped=self._inbox.commands_dropped)
         m.rejected.update({k: 0 for k in m.rejected})
         for reason, n in engine.rejected.items():
             m.rejected[reason] = n
@@ -246,7 +311,8 @@ class HeadEndService:
             sessions=sum(1 for x in engine.meters.values() if x.session is not None),
             pending=engine.meters_pending,
             meters_with_gaps=engine.meters_with_gaps,
-            inbox=len(self._inbox),
+            inbox=len(self._inbox.wan),
+            commands_waiting=len(self._inbox.commands),
         )
         snap = m.snapshot()
         total, interval = self.latency_total, self.latency_interval

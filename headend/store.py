@@ -1,8 +1,10 @@
 """The head-end's durable store: meters, keys, sessions, counters, readings, gaps.
 
 SQLite by default (WAL, one writer thread, batched commits).  Every key is
-stored wrapped under the vault's KEK (RFC 3394): a copy of this database
-alone yields no usable key.  Counter marks and lowest-acceptable values are
+stored wrapped under the vault's KEK (RFC 3394), bound to its row (meter,
+key type, version; see :mod:`ami.security.vault`): a copy of this database
+alone yields no usable key, and a blob moved to another row fails to
+unwrap.  Counter marks and lowest-acceptable values are
 written in the same transaction as the readings they cover, so after a crash
 the store is consistent with itself: a reading is stored iff the counter
 that admitted it moved.
@@ -10,6 +12,15 @@ that admitted it moved.
 sqlite3 is blocking, so every call runs on one dedicated thread
 (``ami.runtime.single_thread``): the connection never crosses threads and the event loop
 never waits on disk.
+
+Only one process may write: ``open(writer=True)`` takes the writer lease
+(an ``flock`` on ``<store>.lock`` held for the store's life, plus the
+fenced ``lease`` row, see :mod:`headend.store_sql`) or raises
+:class:`StoreLocked`; every write transaction checks the lease epoch and
+raises :class:`Fenced` (rolled back, nothing written) once another writer
+has taken over.  A store opened without ``writer`` (``ami tsp``, reports)
+only reads.  The store file, its -wal/-shm and lock sidecars are created
+0600 and a folder created for them 0700.
 
 The interface it shares with :class:`headend.pgstore.PostgresStore` is
 :class:`headend.store_api.Store` (open either with
@@ -21,7 +32,11 @@ lies on disk, without the vault (what a copy of the file gives anyone).
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
+import stat
+import time
 from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -33,11 +48,18 @@ import msgpack
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
 from ami.runtime.single_thread import SingleThread
-from ami.security.vault import KeyVault
+from ami.runtime.logs import get_logger
+from ami.security.vault import KeyVault, key_identity, session_identity
 from headend import store_sql
+from headend.store_sql import Fenced, StoreError, StoreLocked, lease_owner, unwrap_one, unwrap_rows
+
+log = get_logger("store")
 
 __all__ = [
+    "Fenced",
     "SqliteStore",
+    "StoreError",
+    "StoreLocked",
     "StoreContents",
     "StoredKey",
     "StoredMeter",
@@ -88,7 +110,39 @@ CREATE TABLE IF NOT EXISTS readings (
     received REAL NOT NULL,
     PRIMARY KEY (meter, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lease (   -- the single-writer lease (headend.store_sql)
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
+
+_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def _keep_private(path: Path) -> None:
+    """Make the store's folder (0700 when created here) and file (0600) before
+    SQLite writes a byte; tighten an existing store written with the old 0644."""
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+    else:
+        st = folder.stat()
+        # Our own data folder: tighten it.  Never a shared sticky one (/tmp).
+        if st.st_uid == os.getuid() and not st.st_mode & stat.S_ISVTX and stat.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(folder, 0o700)
+    # SQLite gives -wal and -shm the main file's mode: create it 0600 first.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in _SIDECARS:
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            os.chmod(side, 0o600)
 
 
 class SqliteStore:
@@ -100,29 +154,138 @@ class SqliteStore:
         self.vault = vault
         self._thread = SingleThread("headend-store")
         self._db: sqlite3.Connection | None = None
+        self.epoch = 0  # the lease epoch this writer holds (0: not the writer)
+        self.unwrap_failures = 0  # rows whose wrapped key failed to unwrap
+        self._owner: str | None = None
+        self._fenced: str | None = None  # why commits are refused, once fenced
+        self._lock_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
 
     # -- life cycle ---------------------------------------------------------
 
-    async def open(self) -> None:
-        await self._thread.run(self._open)
+    @property
+    def lock_path(self) -> Path:
+        return Path(f"{self.path}.lock")
 
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode survives a process crash (kill -9); only an OS
-        # crash can lose the last transactions.
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
+    async def open(self, *, writer: bool = False) -> None:
+        await self._thread.run(self._open, writer)
+
+    def _open(self, writer: bool) -> None:
+        _keep_private(self.path)
+        if writer:
+            self._lock()
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # FULL, not NORMAL: in WAL mode NORMAL survives a process
+                # crash but an OS crash or power loss can lose the last
+                # commits, i.e. counter marks already used on the air; the
+                # next start would then reuse those IVs.  FULL fsyncs the WAL
+                # at every commit, so a mark the engine relies on is on disk
+                # before any frame under it is published.
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(SCHEMA)
+                if writer:
+                    self._take_lease(db)
+            except BaseException:
+                db.close()
+                raise
+        except BaseException:
+            self._unlock()
+            raise
         self._db = db
+
+    def _lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLocked(
+                f"store {self.path} is in use by another head-end ({self._holder()}): a second writer would reuse "
+                "IVs; stop the other one first"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _holder(self) -> str:
+        try:
+            with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1)) as db:
+                row = db.execute(store_sql.LEASE_OWNER).fetchone()
+        except sqlite3.Error:
+            row = None
+        return f"owner {row[0]}, epoch {row[1]}" if row else f"lock {self.lock_path} held"
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def _take_lease(self, db: sqlite3.Connection) -> None:
+        """Under the flock: bump the epoch, write ourselves as owner, and
+        re-wrap an old store's unbound keys, in one transaction."""
+        owner = lease_owner()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(store_sql.LEASE_OWNER).fetchone()
+            epoch = (int(row[1]) if row else 0) + 1
+            db.execute(store_sql.TAKE_LEASE, (owner, epoch, time.time()))
+            key_args, session_args = store_sql.rewrap_legacy(
+                self.vault,
+                [tuple(r) for r in db.execute(store_sql.SELECT_ALL_WRAPPED_KEYS)],
+                [tuple(r) for r in db.execute(store_sql.SELECT_ALL_WRAPPED_SESSIONS)],
+            )
+            db.executemany(store_sql.REWRAP_KEY, key_args)
+            db.executemany(store_sql.REWRAP_SESSION, session_args)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if key_args or session_args:
+            log.warning("store_rewrapped", store=str(self.path), keys=len(key_args), sessions=len(session_args))
+        if row:
+            log.info("store_lease_taken_over", store=str(self.path), previous=row[0], epoch=epoch)
+        self._owner, self.epoch = owner, epoch
+
+    def _begin_write(self, db: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, then the fence: the lease still ours, or Fenced."""
+        if self._fenced:
+            raise Fenced(self._fenced)
+        if self._owner is None:
+            raise Fenced(f"store {self.path} was opened read-only (open(writer=True) to write)")
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute(store_sql.FENCE, (time.time(), self.epoch, self._owner)).rowcount != 1:
+            db.execute("ROLLBACK")
+            self._fenced = (
+                f"store {self.path}: another head-end took the writer lease over (this one held epoch "
+                f"{self.epoch}); nothing was committed"
+            )
+            log.error("store_fenced", store=str(self.path), epoch=self.epoch)
+            raise Fenced(self._fenced)
+
+    def _check_lease(self) -> None:
+        """An empty commit writes nothing, but a fenced writer must still stop."""
+        if self._fenced:
+            raise Fenced(self._fenced)
+        if self._owner is None:
+            return
+        row = self._db.execute(store_sql.LEASE_OWNER).fetchone()
+        if row is None or row[0] != self._owner or int(row[1]) != self.epoch:
+            self._fenced = f"store {self.path}: another head-end took the writer lease over (epoch {self.epoch})"
+            log.error("store_fenced", store=str(self.path), epoch=self.epoch)
+            raise Fenced(self._fenced)
 
     async def close(self) -> None:
         if self._db is not None:
             await self._thread.run(self._db.close)
             self._db = None
+        await self._thread.run(self._unlock)
         self._thread.shutdown()
 
     # -- provisioning -------------------------------------------------------
@@ -133,7 +296,7 @@ class SqliteStore:
 
     def _import_factory(self, records: list[dict[str, str]], now: float) -> int:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        self._begin_write(db)
         try:
             known = {meter for (meter,) in db.execute(store_sql.KNOWN_METERS)}
             fresh = [r for r in records if r["meter"] not in known]
@@ -141,7 +304,8 @@ class SqliteStore:
             for r in fresh:
                 for key_type in (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE):
                     raw = bytes.fromhex(r[key_type.value])
-                    key_rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, self.vault.wrap(raw), now))
+                    wrapped = self.vault.wrap(raw, key_identity(r["meter"], key_type.value, 1))
+                    key_rows.append((r["meter"], key_type.value, 1, KeyState.ACTIVE.value, wrapped, now))
             db.executemany(
                 store_sql.INSERT_METER,
                 [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
@@ -166,8 +330,7 @@ class SqliteStore:
         ]
         raw_keys = list(db.execute(store_sql.SELECT_LIVE_KEYS))
         raw_sessions = list(db.execute(store_sql.SELECT_SESSIONS))
-        # One bulk call: an HSM unwraps ~6k keys/s one by one, far more in bulk.
-        clear = self.vault.unwrap_many([r[4] for r in raw_keys] + [r[2] for r in raw_sessions])
+        clear = unwrap_rows(self, raw_keys, raw_sessions)
         keys = [
             KeyRow(m, KeyType(kt), v, KeyState(st), cr, tx, rx, SecretBytes(clear[i]))
             for i, (m, kt, v, st, _w, cr, tx, rx) in enumerate(raw_keys)
@@ -177,18 +340,21 @@ class SqliteStore:
             SessionRow(m, serial, cr, tx, rx, fr, SecretBytes(clear[off + i]), pending=bool(p), lan_version=lv)
             for i, (m, serial, _w, cr, tx, rx, fr, p, lv) in enumerate(raw_sessions)
         ]
-        return Snapshot(meters, keys, sessions)
+        versions = {(m, KeyType(kt)): v for m, kt, v in db.execute(store_sql.SELECT_MAX_VERSIONS)}
+        return Snapshot(meters, keys, sessions, versions)
 
     # -- batched commits ----------------------------------------------------
 
     async def commit(self, batch: Commit) -> None:
         if batch:
             await self._thread.run(self._commit, batch)
+        else:
+            await self._thread.run(self._check_lease)
 
     def _commit(self, batch: Commit) -> None:
         db = self._db
-        wrap = self.vault.wrap
-        db.execute("BEGIN")
+        vault = self.vault
+        self._begin_write(db)
         try:
             if batch.readings:
                 # ON CONFLICT, not OR IGNORE: only a duplicate (meter, seq) is
@@ -198,7 +364,8 @@ class SqliteStore:
                 if k.key is not None:
                     db.execute(
                         store_sql.UPSERT_KEY,
-                        (k.meter, k.key_type.value, k.version, k.state.value, wrap(k.key), k.created, k.tx_mark,
+                        (k.meter, k.key_type.value, k.version, k.state.value,
+                         vault.wrap(k.key, key_identity(k.meter, k.key_type.value, k.version)), k.created, k.tx_mark,
                          k.rx_lowest),
                     )
                 else:
@@ -212,7 +379,8 @@ class SqliteStore:
                 elif s.key is not None:
                     db.execute(
                         store_sql.UPSERT_SESSION,
-                        (s.meter, int(s.pending), s.serial, wrap(s.key), s.created, s.tx_mark, s.rx_lowest, s.frames,
+                        (s.meter, int(s.pending), s.serial, vault.wrap(s.key, session_identity(s.meter, s.serial)), s.created,
+                         s.tx_mark, s.rx_lowest, s.frames,
                          s.lan_version),
                     )
                 else:
@@ -246,8 +414,11 @@ class SqliteStore:
         rows = await self.query(store_sql.ACTIVE_KEY, (meter, key_type.value))
         if not rows:
             raise KeyError(f"no active {key_type.value} for {meter}")
+        wrapped, version = bytes(rows[0][0]), int(rows[0][1])
         # In a thread: an HSM unwrap blocks.
-        return SecretBytes(await asyncio.to_thread(self.vault.unwrap, bytes(rows[0][0])))
+        return SecretBytes(await asyncio.to_thread(unwrap_one, self, wrapped, key_identity(meter, key_type.value,
+                                                                                           version)))
+
 
 
 # -- a store file as it lies on disk (no vault) -----------------------------------
@@ -263,7 +434,7 @@ class StoredMeter:
 
 @dataclass(frozen=True, slots=True)
 class StoredKey:
-    """A key row as stored: the key only wrapped (RFC 3394 under the KEK)."""
+    """A key row as stored: the key only wrapped (RFC 3394 under the KEK, bound to the row)."""
 
     meter: str
     key_type: str  # a KeyType value, as stored ("ccc", "ak", "cc_lan", "cc_locale")
@@ -322,6 +493,13 @@ class StoreContents:
     def wrapped_blobs(self) -> list[bytes]:
         """Every wrapped key: the key rows', then the sessions'."""
         return [k.wrapped for k in self.keys] + [s.wrapped for s in self.sessions]
+
+    @property
+    def wrapped_identities(self) -> list[bytes]:
+        """The row identity each of :attr:`wrapped_blobs` is bound to (same order)."""
+        return [key_identity(k.meter, k.key_type, k.version) for k in self.keys] + [
+            session_identity(s.meter, s.serial) for s in self.sessions
+        ]
 
 
 def count_stored_readings(path: Path | str) -> int | None:

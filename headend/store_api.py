@@ -10,7 +10,17 @@ Contract, both backends:
 
 * every key is wrapped with the vault before it is written and unwrapped
   (one ``unwrap_many``) by :meth:`Store.load`: the database only ever holds
-  wrapped keys;
+  wrapped keys, each bound to its row (``key_identity(meter, key_type,
+  version)``, ``session_identity(meter, serial)``): a blob moved to another
+  row fails the load with a VaultError naming that row;
+* one writer: ``open(writer=True)`` takes the writer lease or raises
+  :class:`StoreLocked`; every write transaction (commit, import) checks the
+  lease epoch first and raises :class:`Fenced`, rolled back, once another
+  writer took over (an empty commit checks it too, without writing).  The
+  caller publishes nothing it drained with a commit that raised.  A store
+  opened without ``writer`` only reads (``ami tsp``, reports): its writes
+  raise :class:`Fenced`.  ``store.epoch`` is the lease epoch (0 for a
+  reader), one more at each writer start or take-over;
 * one :class:`~ami.machines.headend_records.Commit` is one transaction;
   readings are stored once per ``(meter, seq)`` (the first copy wins); rows
   apply in list order;
@@ -30,16 +40,21 @@ from ami.machines.headend_records import Commit, Snapshot
 from ami.protocol.keys import KeyType, SecretBytes
 from ami.security.vault import KeyVault
 from headend.store import SqliteStore
+from headend.store_sql import Fenced, StoreError, StoreLocked
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Fenced", "Store", "StoreError", "StoreLocked", "open_store"]
 
 
 @runtime_checkable
 class Store(Protocol):
     """What the head-end service and the tools use of a store."""
 
-    async def open(self) -> None:
-        """Connect, create the schema if needed."""
+    epoch: int
+
+    async def open(self, *, writer: bool = False) -> None:
+        """Connect, create the schema if needed; ``writer``: take the writer
+        lease (StoreLocked if another head-end holds it), re-wrap an old
+        store's unbound keys."""
 
     async def close(self) -> None:
         """Release the connection(s); the store may not be used afterwards."""
@@ -51,7 +66,7 @@ class Store(Protocol):
         """Meters, live (not expired) keys and sessions, keys unwrapped: the engine's cold start."""
 
     async def commit(self, batch: Commit) -> None:
-        """Apply one batch in one transaction (nothing for an empty batch)."""
+        """Apply one batch in one transaction, fenced (Fenced: nothing written); an empty batch only checks the lease."""
 
     async def query(self, sql: str, params: tuple = ()) -> list[tuple[Any, ...]]:
         """Run SQL in the backend's dialect; rows as tuples (tests, reports)."""

@@ -32,7 +32,7 @@ import asyncpg
 import pytest
 
 from ami.protocol.keys import KeyState, KeyType, SecretBytes
-from ami.security.vault import FileKeyVault
+from ami.security.vault import FileKeyVault, key_identity, session_identity
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow
 from headend import store_sql
 from headend.pgstore import PostgresStore
@@ -90,7 +90,7 @@ class Backend:
     @asynccontextmanager
     async def opened(self) -> AsyncIterator[SqliteStore | PostgresStore]:
         store = self.new_store()
-        await store.open()
+        await store.open(writer=True)
         try:
             yield store
         finally:
@@ -650,11 +650,15 @@ def test_no_key_in_a_raw_dump(backend: Backend) -> None:
                     ],
                 )
             )
-            wrapped = [bytes(w) for (w,) in await store.query("SELECT wrapped FROM keys")]
-            wrapped += [bytes(w) for (w,) in await store.query("SELECT wrapped FROM sessions")]
+            key_rows = await store.query("SELECT wrapped, meter, key_type, version FROM keys")
+            session_rows = await store.query("SELECT wrapped, meter, serial FROM sessions")
+            wrapped = [bytes(w) for w, *_r in key_rows] + [bytes(w) for w, *_r in session_rows]
+            identities = [key_identity(m, kt, v) for _w, m, kt, v in key_rows] + [
+                session_identity(m, serial) for _w, m, serial in session_rows
+            ]
             assert len(wrapped) == len(every_key)
             # Not vacuous: the vault recovers every key from what is stored.
-            assert sorted(backend.vault.unwrap_many(wrapped)) == sorted(every_key)
+            assert sorted(backend.vault.unwrap_many(wrapped, identities)) == sorted(every_key)
             snap = await store.load()
             assert sorted(bytes(k.key) for k in snap.keys) + sorted(bytes(s.key) for s in snap.sessions) == sorted(
                 keys + [bytes(new_key)]

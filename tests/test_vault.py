@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import stat
@@ -20,7 +21,10 @@ from ami.security.vault import (
     KeyVault,
     Pkcs11KeyVault,
     VaultError,
+    WrongRow,
+    key_identity,
     open_vault,
+    session_identity,
 )
 
 try:  # tests/ used as a package, or (pytest's default) as a plain directory
@@ -34,6 +38,12 @@ RFC_KEY = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
 RFC_WRAPPED = bytes.fromhex("1FA68B0A8112B447AEF34BD8FB5A7B829D3E862371D2CFE5")
 
 FIXED_KEY = bytes.fromhex("a5" * 16)
+ID = key_identity("m000001", "ak", 1)  # the row a test key is bound to
+
+
+def binding(identity: bytes) -> bytes:
+    """What is wrapped after the key: independent of the vault's own code."""
+    return hashlib.sha256(b"ami-wrapped-key-binding\0" + identity).digest()[:24]
 
 
 def write_kek(path: Path, data: bytes, mode: int = 0o600) -> Path:
@@ -85,12 +95,12 @@ def test_file_vault_created_0600_despite_permissive_umask(tmp_path: Path) -> Non
 def test_second_open_reuses_kek(tmp_path: Path) -> None:
     v1 = open_vault("file:kek.bin", data_dir=tmp_path)
     kek = (tmp_path / "kek.bin").read_bytes()
-    w1 = v1.wrap(FIXED_KEY)
+    w1 = v1.wrap(FIXED_KEY, ID)
     v1.close()
     v2 = open_vault(f"file:{tmp_path / 'kek.bin'}")
     assert (tmp_path / "kek.bin").read_bytes() == kek
-    assert v2.wrap(FIXED_KEY) == w1
-    assert v2.unwrap(w1) == FIXED_KEY
+    assert v2.wrap(FIXED_KEY, ID) == w1
+    assert v2.unwrap(w1, ID) == FIXED_KEY
     v2.close()
 
 
@@ -100,7 +110,7 @@ def test_concurrent_first_open_agrees_on_one_kek(tmp_path: Path) -> None:
     def wrap_once(_: int) -> bytes:
         v = FileKeyVault(path)
         try:
-            return v.wrap(FIXED_KEY)
+            return v.wrap(FIXED_KEY, ID)
         finally:
             v.close()
 
@@ -115,48 +125,56 @@ def test_file_wrap_equals_cryptography(tmp_path: Path, size: int) -> None:
     v = FileKeyVault(tmp_path / "kek")
     kek = (tmp_path / "kek").read_bytes()
     key = secrets.token_bytes(size)
-    wrapped = v.wrap(key)
-    assert wrapped == aes_key_wrap(kek, key)
-    assert len(wrapped) == size + 8
-    assert v.unwrap(wrapped) == key
+    wrapped = v.wrap(key, ID)
+    assert wrapped == aes_key_wrap(kek, key + binding(ID))
+    assert len(wrapped) == size + 24 + 8
+    assert v.unwrap(wrapped, ID) == key
     v.close()
 
 
 def test_rfc3394_vector_through_file_vault(tmp_path: Path) -> None:
     write_kek(tmp_path / "rfc.kek", RFC_KEK)
     v = open_vault("file:rfc.kek", data_dir=tmp_path)
-    assert v.wrap(RFC_KEY) == RFC_WRAPPED
-    assert v.unwrap(RFC_WRAPPED) == RFC_KEY
+    # The old, unbound format is plain RFC 3394 (read only to migrate a store)...
+    assert v.unwrap_legacy_many([RFC_WRAPPED]) == [RFC_KEY]
+    # ...the bound one is RFC 3394 of key || binding.
+    assert v.wrap(RFC_KEY, ID) == aes_key_wrap(RFC_KEK, RFC_KEY + binding(ID))
+    with pytest.raises(VaultError, match="old, unbound format"):
+        v.unwrap(RFC_WRAPPED, ID)  # never accepted as a bound key
     v.close()
 
 
 def test_file_unwrap_many(tmp_path: Path) -> None:
     v = FileKeyVault(tmp_path / "kek")
     keys = [secrets.token_bytes(16) for _ in range(200)]
-    assert v.unwrap_many([v.wrap(k) for k in keys]) == keys
+    ids = [key_identity(f"m{i:06d}", "cc_lan", 1) for i in range(200)]
+    assert v.unwrap_many([v.wrap(k, i) for k, i in zip(keys, ids)], ids) == keys
+    with pytest.raises(VaultError, match="identities"):
+        v.unwrap_many([v.wrap(keys[0], ids[0])], [])
     v.close()
 
 
 def test_tampered_blob_raises(tmp_path: Path) -> None:
     write_kek(tmp_path / "kek", RFC_KEK)
     v = FileKeyVault(tmp_path / "kek")
+    bound = v.wrap(RFC_KEY, ID)
     # Every single-bit flip of the wrapped blob must be caught.
-    for i in range(len(RFC_WRAPPED)):
+    for i in range(len(bound)):
         for bit in range(8):
             with pytest.raises(VaultError) as err:
-                v.unwrap(flip(RFC_WRAPPED, i, bit))
+                v.unwrap(flip(bound, i, bit), ID)
             assert_no_secret(str(err.value), RFC_KEK, RFC_KEY)
     with pytest.raises(VaultError, match="index 1"):
-        v.unwrap_many([RFC_WRAPPED, flip(RFC_WRAPPED, 5)])
+        v.unwrap_many([bound, flip(bound, 5)], [ID, ID])
     with pytest.raises(VaultError):
-        v.unwrap(RFC_WRAPPED[:-1])  # not a multiple of 8
+        v.unwrap(bound[:-1], ID)  # not a multiple of 8
     v.close()
 
 
 def test_wrong_kek_fails_integrity(tmp_path: Path) -> None:
     a, b = FileKeyVault(tmp_path / "a"), FileKeyVault(tmp_path / "b")
     with pytest.raises(VaultError, match="integrity"):
-        b.unwrap(a.wrap(FIXED_KEY))
+        b.unwrap(a.wrap(FIXED_KEY, ID), ID)
     a.close()
     b.close()
 
@@ -196,25 +214,27 @@ def test_texts_never_contain_key_bytes(tmp_path: Path) -> None:
     texts = [repr(v), str(v), f"{v}", v.name]
     for bad in (b"\x01" * 15, RFC_KEY + b"\x00", "a string key"):
         with pytest.raises(VaultError) as err:
-            v.wrap(bad)  # type: ignore[arg-type]
+            v.wrap(bad, ID)  # type: ignore[arg-type]
         texts.append(str(err.value))
-    with pytest.raises(VaultError) as err:
-        v.unwrap(flip(RFC_WRAPPED, 0))
-    texts.append(str(err.value))
+    bound = v.wrap(RFC_KEY, ID)
+    for blob, identity in ((flip(bound, 0), ID), (bound, key_identity("m000002", "ak", 1))):
+        with pytest.raises(VaultError) as err:
+            v.unwrap(blob, identity)
+        texts.append(str(err.value))
     assert repr(v) == f"<FileKeyVault file:{tmp_path / 'kek'}>"
     for text in texts:
-        assert_no_secret(text, RFC_KEK, RFC_KEY, RFC_WRAPPED)
+        assert_no_secret(text, RFC_KEK, RFC_KEY, RFC_WRAPPED, bound)
 
 
 def test_closed_file_vault_refuses_work(tmp_path: Path) -> None:
     v = FileKeyVault(tmp_path / "kek")
-    wrapped = v.wrap(FIXED_KEY)
+    wrapped = v.wrap(FIXED_KEY, ID)
     v.close()
     v.close()  # idempotent
     with pytest.raises(VaultError, match="closed"):
-        v.unwrap(wrapped)
+        v.unwrap(wrapped, ID)
     with FileKeyVault(tmp_path / "kek") as v2:  # context manager closes too
-        assert v2.unwrap(wrapped) == FIXED_KEY
+        assert v2.unwrap(wrapped, ID) == FIXED_KEY
 
 
 def test_spec_errors() -> None:
@@ -266,11 +286,13 @@ class TestPkcs11Vault:
         v = open_vault(hsm_spec(hsm))
         assert isinstance(v, Pkcs11KeyVault)
         key = secrets.token_bytes(size)
-        wrapped = v.wrap(key)
-        assert len(wrapped) == size + 8
+        wrapped = v.wrap(key, ID)
+        assert len(wrapped) == size + 24 + 8
         assert wrapped != key and key not in wrapped
-        assert v.unwrap(wrapped) == key
-        assert v.wrap(key) == wrapped  # RFC 3394 is deterministic
+        assert v.unwrap(wrapped, ID) == key
+        assert v.wrap(key, ID) == wrapped  # RFC 3394 is deterministic
+        with pytest.raises(WrongRow):
+            v.unwrap(wrapped, key_identity("m000001", "ak", 2))
         v.close()
 
     def test_output_is_byte_identical_to_rfc3394(self, hsm: dict) -> None:
@@ -291,29 +313,34 @@ class TestPkcs11Vault:
             Attribute.UNWRAP: True,
         }))
         rfc = open_vault(hsm_spec(hsm, "rfc-kek"))
-        assert rfc.wrap(RFC_KEY) == RFC_WRAPPED
-        assert rfc.unwrap(RFC_WRAPPED) == RFC_KEY
+        assert rfc.unwrap_legacy_many([RFC_WRAPPED]) == [RFC_KEY]  # the old format (migration)
+        assert rfc.wrap(RFC_KEY, ID) == aes_key_wrap(RFC_KEK, RFC_KEY + binding(ID))
         key = secrets.token_bytes(32)
-        assert rfc.wrap(key) == aes_key_wrap(RFC_KEK, key)
+        assert rfc.wrap(key, ID) == aes_key_wrap(RFC_KEK, key + binding(ID))
+        # Same bytes as the file backend under the same KEK.
+        write_kek(hsm["conf"].parent / "rfc.kek", RFC_KEK)
+        with FileKeyVault(hsm["conf"].parent / "rfc.kek") as file_vault:
+            assert file_vault.wrap(key, ID) == rfc.wrap(key, ID)
+            assert rfc.unwrap(file_vault.wrap(key, ID), ID) == key
         rfc.close()
         v.close()
 
     def test_kek_persists_in_token(self, hsm: dict) -> None:
         v1 = open_vault(hsm_spec(hsm))
-        wrapped = v1.wrap(FIXED_KEY)
+        wrapped = v1.wrap(FIXED_KEY, ID)
         v1.close()  # logs out, closes the session, C_Finalize
         v2 = open_vault(hsm_spec(hsm))
-        assert v2.unwrap(wrapped) == FIXED_KEY
+        assert v2.unwrap(wrapped, ID) == FIXED_KEY
         v2.close()
         # And a separate process, with its own login, finds the same KEK.
         code = (
             "import sys; from ami.security.vault import open_vault\n"
             "v = open_vault(sys.argv[1])\n"
-            "sys.stdout.write(v.unwrap(bytes.fromhex(sys.argv[2])).hex())\n"
+            "sys.stdout.write(v.unwrap(bytes.fromhex(sys.argv[2]), sys.argv[3].encode()).hex())\n"
             "v.close()\n"
         )
         out = subprocess.run(
-            [sys.executable, "-c", code, hsm_spec(hsm, extra=";create=no"), wrapped.hex()],
+            [sys.executable, "-c", code, hsm_spec(hsm, extra=";create=no"), wrapped.hex(), ID.decode()],
             check=True, capture_output=True, text=True, timeout=60,
         )
         assert out.stdout == FIXED_KEY.hex()
@@ -321,10 +348,10 @@ class TestPkcs11Vault:
     def test_two_open_vaults_share_one_login(self, hsm: dict) -> None:
         v1 = open_vault(hsm_spec(hsm))
         v2 = open_vault(hsm_spec(hsm))  # no USER_ALREADY_LOGGED_IN
-        wrapped = v1.wrap(FIXED_KEY)
-        assert v2.unwrap(wrapped) == FIXED_KEY
+        wrapped = v1.wrap(FIXED_KEY, ID)
+        assert v2.unwrap(wrapped, ID) == FIXED_KEY
         v1.close()  # must not log v2 out
-        assert v2.unwrap(wrapped) == FIXED_KEY
+        assert v2.unwrap(wrapped, ID) == FIXED_KEY
         v2.close()
 
     def test_kek_is_sensitive_and_not_extractable(self, hsm: dict) -> None:
@@ -351,9 +378,10 @@ class TestPkcs11Vault:
     def test_unwrap_many_1000(self, hsm: dict) -> None:
         v = open_vault(hsm_spec(hsm))
         keys = [secrets.token_bytes(16) for _ in range(1000)]
-        wrapped = [v.wrap(k) for k in keys]
-        assert v.unwrap_many(wrapped) == keys
-        assert v.unwrap_many([]) == []
+        ids = [key_identity(f"m{i:06d}", "ak", 3) for i in range(1000)]
+        wrapped = [v.wrap(k, i) for k, i in zip(keys, ids)]
+        assert v.unwrap_many(wrapped, ids) == keys
+        assert v.unwrap_many([], []) == []
         v.close()
 
     def test_eight_threads_at_once(self, hsm: dict) -> None:
@@ -364,7 +392,7 @@ class TestPkcs11Vault:
             start.wait()  # all 8 threads really hit the vault together
             for _ in range(50):
                 key = secrets.token_bytes(16)
-                assert v.unwrap(v.wrap(key)) == key
+                assert v.unwrap(v.wrap(key, ID), ID) == key
             return 50
 
         with ThreadPoolExecutor(max_workers=8) as pool:
@@ -382,14 +410,14 @@ class TestPkcs11Vault:
 
     def test_tampered_blob_raises(self, hsm: dict) -> None:
         v = open_vault(hsm_spec(hsm))
-        wrapped = v.wrap(FIXED_KEY)
+        wrapped = v.wrap(FIXED_KEY, ID)
         for i in (0, 7, 8, len(wrapped) - 1):
             with pytest.raises(VaultError, match="integrity") as err:
-                v.unwrap(flip(wrapped, i))
+                v.unwrap(flip(wrapped, i), ID)
             assert_no_secret(str(err.value), FIXED_KEY, wrapped)
         with pytest.raises(VaultError, match="index 2"):
-            v.unwrap_many([wrapped, wrapped, flip(wrapped, 3)])
-        assert v.unwrap(wrapped) == FIXED_KEY  # the session survived the errors
+            v.unwrap_many([wrapped, wrapped, flip(wrapped, 3)], [ID] * 3)
+        assert v.unwrap(wrapped, ID) == FIXED_KEY  # the session survived the errors
         v.close()
 
     def test_wrong_pin_refused_without_echo(self, hsm: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -410,7 +438,7 @@ class TestPkcs11Vault:
         assert str(hsm["pin"]) not in repr(vault_mod.pkcs11._get_worker())
         v.close()
         with pytest.raises(VaultError, match="closed"):
-            v.wrap(FIXED_KEY)
+            v.wrap(FIXED_KEY, ID)
 
     def test_missing_kek_with_create_no(self, hsm: dict) -> None:
         with pytest.raises(VaultError, match="no such KEK"):
@@ -432,3 +460,56 @@ class TestPkcs11Vault:
     def test_unknown_token(self, hsm: dict) -> None:
         with pytest.raises(VaultError, match="NoSuchToken"):
             Pkcs11KeyVault(str(hsm["lib"]), "no-such-token", str(hsm["pin"]), "k")
+
+
+# --------------------------------------------------------------------------
+# Wrapped keys bound to their row (both backends)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["file", pytest.param("pkcs11", marks=pytest.mark.softhsm)])
+def any_vault(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    if request.param == "file":
+        with FileKeyVault(tmp_path / "kek") as v:
+            yield v
+        return
+    with softhsm_token(tmp_path) as tok:
+        monkeypatch.setenv("AMI_HSM_PIN", str(tok["pin"]))
+        v = open_vault(hsm_spec(tok))
+        try:
+            yield v
+        finally:
+            v.close()
+
+
+def test_a_blob_moved_to_another_row_does_not_unwrap(any_vault) -> None:
+    """Who can write the store but lacks the KEK can only move blobs around:
+    an expired version into the active one, meter A's into meter B's, a key
+    row's into a session row.  Each move fails, naming the row, never a key."""
+    v = any_vault
+    expired, active = secrets.token_bytes(16), secrets.token_bytes(16)
+    a_v1, a_v2 = key_identity("mA", "cc_lan", 1), key_identity("mA", "cc_lan", 2)
+    blob_v1, blob_v2 = v.wrap(expired, a_v1), v.wrap(active, a_v2)
+    assert v.unwrap(blob_v2, a_v2) == active and v.unwrap(blob_v1, a_v1) == expired
+    moves = [
+        (blob_v1, a_v2),  # the expired key copied into the active row
+        (blob_v2, key_identity("mB", "cc_lan", 2)),  # meter A's key into meter B's row
+        (blob_v2, key_identity("mA", "ak", 2)),  # another key type
+        (blob_v2, session_identity("mA", 2)),  # a session row
+    ]
+    for blob, identity in moves:
+        with pytest.raises(WrongRow, match="bound to another row") as err:
+            v.unwrap(blob, identity)
+        assert identity.decode() in str(err.value)  # names the row
+        assert err.value.reason == "wrapped_key_wrong_row"
+        assert_no_secret(str(err.value), expired, active, blob)
+    with pytest.raises(WrongRow, match="mB"):
+        v.unwrap_many([blob_v2, blob_v2], [a_v2, key_identity("mB", "cc_lan", 2)])
+
+
+def test_identities_are_unambiguous() -> None:
+    assert key_identity("m1", "ak", 1) == b"ami-key|m1|ak|1"
+    assert session_identity("m1", 7) == b"ami-session|m1|7"
+    for bad in ("m|1", "", "m\n1"):
+        with pytest.raises(VaultError):
+            key_identity(bad, "ak", 1)

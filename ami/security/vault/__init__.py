@@ -6,6 +6,16 @@ the database only ever holds *wrapped* keys (envelope encryption): each meter
 key is wrapped with RFC 3394 AES key wrap under one key-encryption key (KEK),
 and the KEK never goes into the database.
 
+Each wrapped key is bound to its row: what is wrapped is ``key || binding``,
+``binding = SHA-256("ami-wrapped-key-binding\\0" || identity)[:24]`` with
+``identity = "ami-key|<meter>|<key_type>|<version>"`` (key rows) or
+``"ami-session|<meter>|<serial>"`` (session rows).  ``wrap``/``unwrap`` take
+that identity: whoever can write the database but lacks the KEK cannot move a
+blob to another row (an expired key back into the active row, one meter's
+key into another's): it fails to unwrap with :class:`WrongRow`, naming the
+row.  Bound blobs are 48/56/64 bytes; the old unbound ones (24/32/40) are
+read only by ``unwrap_legacy_many``, to migrate a store once.
+
 RFC 3394 rather than e.g. AES-GCM: it is the standard for wrapping keys,
 needs no nonce (deterministic, so nothing to get wrong), carries a 64-bit
 integrity check, and every HSM implements it.  Both backends produce the
@@ -28,7 +38,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ami.security.vault._common import KEK_LEN, KeyVault, VaultError
+from ami.security.vault._common import (
+    KEK_LEN,
+    KeyVault,
+    VaultError,
+    WrongRow,
+    bind_to_row,
+    is_legacy_blob,
+    key_identity,
+    session_identity,
+    unbind_from_row,
+)
 from ami.security.vault.file import FileKeyVault
 from ami.security.vault.pkcs11 import Pkcs11KeyVault
 
@@ -38,7 +58,13 @@ __all__ = [
     "KeyVault",
     "Pkcs11KeyVault",
     "VaultError",
+    "WrongRow",
+    "bind_to_row",
+    "is_legacy_blob",
+    "key_identity",
     "open_vault",
+    "session_identity",
+    "unbind_from_row",
 ]
 
 

@@ -9,7 +9,18 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from ami.security.vault._common import _INTEGRITY_FAILED, KEK_LEN, VaultError, _check_key, _check_wrapped, _VaultBase
+from ami.security.files import fsync_dir
+from ami.security.vault._common import (
+    _INTEGRITY_FAILED,
+    KEK_LEN,
+    VaultError,
+    bind_to_row,
+    _check_identities,
+    _check_wrapped,
+    unbind_from_row,
+    _VaultBase,
+    describe,
+)
 
 
 class FileKeyVault(_VaultBase):
@@ -27,16 +38,28 @@ class FileKeyVault(_VaultBase):
             raise VaultError(f"{self.name}: vault is closed")
         return bytes(self._kek)
 
-    def wrap(self, key: bytes) -> bytes:
-        return aes_key_wrap(self._key(), _check_key(key))
+    def wrap(self, key: bytes, identity: bytes) -> bytes:
+        """RFC 3394 of ``key || binding(identity)``: bound to its row."""
+        return aes_key_wrap(self._key(), bind_to_row(key, identity))
 
-    def unwrap(self, wrapped: bytes) -> bytes:
-        try:
-            return aes_key_unwrap(self._key(), _check_wrapped(wrapped))
-        except InvalidUnwrap:
-            raise VaultError(_INTEGRITY_FAILED) from None
+    def unwrap(self, wrapped: bytes, identity: bytes) -> bytes:
+        return self.unwrap_many([wrapped], [identity])[0]
 
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]:
+    def unwrap_many(self, wrapped: list[bytes], identities: list[bytes]) -> list[bytes]:
+        _check_identities(wrapped, identities)
+        kek = self._key()
+        out = []
+        for i, (blob, identity) in enumerate(zip(wrapped, identities)):
+            try:
+                payload = aes_key_unwrap(kek, _check_wrapped(blob, identity))
+            except InvalidUnwrap:
+                where = f" at index {i}" if len(wrapped) > 1 else ""
+                raise VaultError(f"{_INTEGRITY_FAILED}{where} ({describe(identity)})") from None
+            out.append(unbind_from_row(payload, identity))
+        return out
+
+    def unwrap_legacy_many(self, wrapped: list[bytes]) -> list[bytes]:
+        """Old, unbound blobs (plain RFC 3394 of the key): only to migrate a store."""
         kek = self._key()
         out = []
         for i, blob in enumerate(wrapped):
@@ -120,18 +143,10 @@ def _create_kek(path: Path) -> None:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another process won the race: use its KEK
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 

@@ -16,7 +16,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ami.security.vault._common import _INTEGRITY_FAILED, KEK_LEN, VaultError, _check_key, _check_wrapped, _VaultBase
+from ami.security.vault._common import (
+    _INTEGRITY_FAILED,
+    KEK_LEN,
+    VaultError,
+    bind_to_row,
+    _check_identities,
+    _check_wrapped,
+    unbind_from_row,
+    _VaultBase,
+    describe,
+)
 
 T = TypeVar("T")
 
@@ -156,9 +166,10 @@ class Pkcs11KeyVault(_VaultBase):
     that is sensitive, non-extractable and only allowed to wrap and unwrap.
 
     Wrapping uses C_WrapKey/C_UnwrapKey with CKM_AES_KEY_WRAP (RFC 3394):
-    the meter key is imported as a short-lived session object, wrapped and
+    the payload (meter key || binding to its row, see ``_common``) is
+    imported as a short-lived GENERIC_SECRET session object, wrapped and
     destroyed; unwrapping creates a short-lived extractable session object,
-    reads its value and destroys it.  (C_Encrypt with CKM_AES_KEY_WRAP would
+    reads its value, destroys it, then checks the binding.  (C_Encrypt with CKM_AES_KEY_WRAP would
     be simpler but SoftHSM2 - and several HSMs - only allow the mechanism for
     wrap/unwrap.)  Output is byte-identical to cryptography's aes_key_wrap.
     """
@@ -183,17 +194,24 @@ class Pkcs11KeyVault(_VaultBase):
 
     # -- public API: each call is one job on the worker thread --
 
-    def wrap(self, key: bytes) -> bytes:
-        return self._worker.call(self._wrap_on_worker, _check_key(key))
+    def wrap(self, key: bytes, identity: bytes) -> bytes:
+        return self._worker.call(self._wrap_on_worker, bind_to_row(key, identity))
 
-    def unwrap(self, wrapped: bytes) -> bytes:
-        return self._worker.call(self._unwrap_many_on_worker, [_check_wrapped(wrapped)])[0]
+    def unwrap(self, wrapped: bytes, identity: bytes) -> bytes:
+        return self.unwrap_many([wrapped], [identity])[0]
 
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]:
+    def unwrap_many(self, wrapped: list[bytes], identities: list[bytes]) -> list[bytes]:
         # One job for the whole batch: a cold start of 100k meters pays one
         # thread hop, not 100k.
+        _check_identities(wrapped, identities)
+        blobs = [_check_wrapped(w, i) for w, i in zip(wrapped, identities)]
+        payloads = self._worker.call(self._unwrap_many_on_worker, blobs, True, identities)
+        return [unbind_from_row(p, i) for p, i in zip(payloads, identities)]
+
+    def unwrap_legacy_many(self, wrapped: list[bytes]) -> list[bytes]:
+        """Old, unbound blobs (RFC 3394 of an AES key): only to migrate a store."""
         blobs = [_check_wrapped(w) for w in wrapped]
-        return self._worker.call(self._unwrap_many_on_worker, blobs)
+        return self._worker.call(self._unwrap_many_on_worker, blobs, False, None)
 
     def with_kek(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(kek_object)`` on the PKCS#11 thread (inspection, tests).
@@ -275,7 +293,8 @@ class Pkcs11KeyVault(_VaultBase):
             tmp = self._login.session.create_object(
                 {
                     Attribute.CLASS: ObjectClass.SECRET_KEY,
-                    Attribute.KEY_TYPE: KeyType.AES,
+                    # key || binding is 40-56 bytes: not an AES key length.
+                    Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
                     Attribute.VALUE: key,
                     Attribute.TOKEN: False,  # session object: gone on logout
                     Attribute.PRIVATE: True,
@@ -290,7 +309,9 @@ class Pkcs11KeyVault(_VaultBase):
         except PKCS11Error as exc:
             raise VaultError(f"{self.name}: wrap failed: {type(exc).__name__}") from None
 
-    def _unwrap_many_on_worker(self, blobs: Sequence[bytes]) -> list[bytes]:
+    def _unwrap_many_on_worker(
+        self, blobs: Sequence[bytes], bound: bool, identities: Sequence[bytes] | None
+    ) -> list[bytes]:
         from pkcs11 import (
             Attribute,
             KeyType,
@@ -306,7 +327,7 @@ class Pkcs11KeyVault(_VaultBase):
             try:
                 tmp = self._kek.unwrap_key(
                     ObjectClass.SECRET_KEY,
-                    KeyType.AES,
+                    KeyType.GENERIC_SECRET if bound else KeyType.AES,
                     blob,
                     mechanism=Mechanism.AES_KEY_WRAP,
                     store=False,
@@ -320,7 +341,8 @@ class Pkcs11KeyVault(_VaultBase):
             except PKCS11Error as exc:
                 # SoftHSM2 reports a failed integrity check as GENERAL_ERROR.
                 where = f" at index {i}" if len(blobs) > 1 else ""
-                raise VaultError(f"{_INTEGRITY_FAILED}{where} ({type(exc).__name__})") from None
+                row = f", {describe(identities[i])}" if identities else ""
+                raise VaultError(f"{_INTEGRITY_FAILED}{where} ({type(exc).__name__}{row})") from None
             try:
                 out.append(bytes(tmp[Attribute.VALUE]))
             finally:

@@ -104,7 +104,7 @@ def hsm_attack(dump: Dump, frames: list[Frame], *, vault_spec: str, token_copy: 
                 try:
                     v = Pkcs11KeyVault(lib, token, live_pin, label, create=False)
                     try:
-                        v.unwrap(dump.wrapped_blobs[0])
+                        v.unwrap(dump.wrapped_blobs[0], dump.wrapped_identities[0])
                         report["token_copy_with_pin_unwraps"] = True
                     finally:
                         v.close()
@@ -159,7 +159,7 @@ def _live_use(dump: Dump, frames: list[Frame], lib: str, token: str, label: str,
     finally:
         vault.close()
     try:
-        vault.unwrap(dump.wrapped_blobs[0])
+        vault.unwrap(dump.wrapped_blobs[0], dump.wrapped_identities[0])
         out["after_access_unwrap"] = "worked"
     except VaultError:
         out["after_access_unwrap"] = "refused"

@@ -50,6 +50,7 @@ from ami.protocol.messages import (
     encode_message,
 )
 from ami.runtime.network import TSP_TITLE
+from ami.security.vault import bind_to_row, unbind_from_row
 from ami.tools.attack.store import Dump, steal
 from ami.tools.attack.traffic import (
     Frame,
@@ -72,14 +73,18 @@ class RawKekVault:
             raise ValueError("a KEK file holds 16 bytes")
         self._kek = bytes(kek)
 
-    def wrap(self, key: bytes) -> bytes:
-        return aes_key_wrap(self._kek, bytes(key))
+    def wrap(self, key: bytes, identity: bytes) -> bytes:
+        return aes_key_wrap(self._kek, bind_to_row(bytes(key), identity))
 
-    def unwrap(self, wrapped: bytes) -> bytes:
-        return aes_key_unwrap(self._kek, bytes(wrapped))
+    def unwrap(self, wrapped: bytes, identity: bytes) -> bytes:
+        # With the KEK the row binding is no obstacle: unwrap, check, strip it.
+        return unbind_from_row(aes_key_unwrap(self._kek, bytes(wrapped)), identity)
 
-    def unwrap_many(self, wrapped: list[bytes]) -> list[bytes]:
-        return [self.unwrap(w) for w in wrapped]
+    def unwrap_many(self, wrapped: list[bytes], identities: list[bytes]) -> list[bytes]:
+        return [self.unwrap(w, i) for w, i in zip(wrapped, identities, strict=True)]
+
+    def unwrap_legacy_many(self, wrapped: list[bytes]) -> list[bytes]:
+        return [aes_key_unwrap(self._kek, bytes(w)) for w in wrapped]
 
     def close(self) -> None:
         pass
@@ -135,7 +140,7 @@ class Unwrapped:
 
 
 def unwrap_dump(dump: Dump, vault: Any) -> Unwrapped:
-    clear = iter(vault.unwrap_many(dump.wrapped_blobs))  # the key rows', then the sessions'
+    clear = iter(vault.unwrap_many(dump.wrapped_blobs, dump.wrapped_identities))  # the key rows', then the sessions'
     keys = {
         KeyRef(k.meter, KeyType(k.key_type), k.version): UnwrappedKey(k.state, SecretBytes(next(clear)))
         for k in dump.keys
