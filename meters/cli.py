@@ -10,6 +10,7 @@ from ami.runtime.logs import configure_logging, get_logger
 from ami.runtime.service import add_common_arguments, run_service
 from ami.runtime.sharding import parse_list, parse_shard
 from meters.fleet import FleetSettings, run_fleet
+from meters.nvm import SegmentBusy
 
 
 def _rate(text: str) -> float:
@@ -83,6 +84,7 @@ def main(args: argparse.Namespace, config: dict) -> int:
 
     try:
         return run_service(service)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, SegmentBusy) as exc:
+        # SegmentBusy: another fleet serves one of our segments; we sent nothing.
         log.error("cannot start the fleet", error=str(exc))
         return 2

@@ -80,7 +80,7 @@ class FleetSettings:
     cipher_cache: int = 4096
     connect_concurrency: int = 64
     drain_timeout_s: float = 2.5  # honcho kills 5 s after SIGTERM: all of shutdown fits in that
-    nvm_synchronous: str = "NORMAL"
+    nvm_synchronous: str = "FULL"  # marks durable on power loss (meters/nvm.py); NORMAL is refused
     start: float | None = None  # meter-clock start for a fresh NVM (default: now)
     gc_freeze: bool = True  # move the meters out of the cyclic GC's reach after set-up
 
@@ -203,7 +203,18 @@ class Fleet:
             # interval must last n / rate wall seconds.
             compression = s.rate * s.interval_s / n
         self.nvm = Nvm(s.data_dir / "meters" / f"{self.ident}.db", synchronous=s.nvm_synchronous)
+        # Locks our segments for the life of the process (SegmentBusy if another
+        # fleet serves one): nothing is read, claimed or sent before.
         await self.nvm.open(self.segments)
+        try:
+            await self._setup_meters(network, wanted, compression)
+        except BaseException:
+            await self.nvm.close()  # a failed set-up does not keep the segments locked
+            raise
+
+    async def _setup_meters(self, network: Network, wanted: dict[str, str], compression: float) -> None:
+        s, n = self.s, len(wanted)
+        assert self.nvm is not None
         states = await self.nvm.load()
         anchor_wall, anchor_sim = await self.nvm.clock_anchor(compression, s.start)
         self.clock = SimClock(anchor_wall, anchor_sim, compression)

@@ -6,11 +6,23 @@ it), the high-water marks of its send counters and the lowest acceptable
 values of its receive counters under CC_LAN and CC_LOCALE.  Sessions are
 never stored: a rebooted meter re-associates.
 
-Durability: WAL, ``synchronous=NORMAL`` by default, which survives a crash of
-the fleet process (the simulated meters' "power loss"); pass
-``synchronous="FULL"`` to survive a host crash too.  ``commit`` returns only
-once the transaction is in the database, and the shell publishes no frame
-before the commit covering its counter marks has returned.
+Durability: WAL with ``synchronous=FULL`` (or ``EXTRA``), never ``NORMAL``.
+In WAL mode ``NORMAL`` fsyncs only at checkpoints: a committed transaction
+survives a crash of the process but the last ones can be rolled back by a
+power loss or a host crash, and a rolled-back counter mark means a rebooted
+meter sends again under a (key, IV) pair it already used.  ``FULL`` fsyncs
+the WAL at every commit; the fleet batches its marks, so that is one fsync
+per batch, not per frame.  ``commit`` returns only once the transaction is
+durable, and the shell publishes no frame before the commit covering its
+counter marks has returned.
+
+One fleet per segment: marks are per meter, so two processes serving one
+segment would each count from the same marks and reuse IVs.  ``open`` takes
+an exclusive ``flock`` on a lock file per segment served and one on the NVM
+file itself, held until ``close`` (the kernel drops them if the process
+dies, kill -9 included), and raises :class:`SegmentBusy` before anything is
+read, claimed or sent if another process holds one of them.  Lock files and
+the NVM files are 0600 in a 0700 folder: the NVM holds keys.
 
 sqlite3 connections must stay on the thread that made them: every call runs
 on one dedicated worker thread.
@@ -23,7 +35,9 @@ its rows are copied here, and the claim is removed from the other files.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +47,7 @@ from typing import Any
 from ami.machines.meter import CounterMark, KeyWrite, PersistItem
 from ami.protocol import KeyType, SecretBytes
 from ami.runtime.single_thread import SingleThread
+from ami.security.files import fsync_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (concentrator TEXT PRIMARY KEY, claimed_ns INTEGER NOT NULL);
@@ -51,6 +66,33 @@ CREATE TABLE IF NOT EXISTS clock (
 #: A persisted item with the meter it belongs to: (meter, concentrator, item).
 Record = tuple[str, str, PersistItem]
 
+#: Durable on power loss (see the module docstring); ``NORMAL`` is refused.
+SYNCHRONOUS = ("FULL", "EXTRA")
+_SEGMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class SegmentBusy(RuntimeError):
+    """Another process serves one of our segments (or uses our NVM file)."""
+
+
+def _take_lock(path: Path, what: str) -> int:
+    """An exclusive flock on ``path`` (created 0600), or SegmentBusy; returns the fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise SegmentBusy(f"{what} is already served by another fleet process (pid {holder}): "
+                          "one fleet per segment, or two would reuse the meters' IVs") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the message above; the lock is the flock
+    return fd
+
 
 class MeterState:
     """What NVM holds for one meter (keys override the factory ones)."""
@@ -68,13 +110,15 @@ class MeterState:
 class Nvm:
     """Async facade over one SQLite file, all I/O on one worker thread."""
 
-    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
-        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
-            raise ValueError("synchronous must be NORMAL, FULL or EXTRA")
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in SYNCHRONOUS:
+            # NORMAL loses the last commits on power loss: marks lost = IVs reused.
+            raise ValueError("the meters' NVM synchronous must be FULL or EXTRA (NORMAL loses marks on power loss)")
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self._thread = SingleThread("nvm")
         self._db: sqlite3.Connection | None = None
+        self._locks: list[int] = []
         self.commits = 0
         self.rows = 0
 
@@ -84,7 +128,12 @@ class Nvm:
     # --- open / claim ---------------------------------------------------------
 
     async def open(self, segments: Sequence[str]) -> None:
-        await self._run(self._open, list(segments))
+        """Lock the segments (SegmentBusy if taken), open the file, claim the segments."""
+        try:
+            await self._run(self._open, list(segments))
+        except BaseException:
+            self._thread.shutdown()
+            raise
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
@@ -95,13 +144,38 @@ class Nvm:
         return db
 
     def _open(self, segments: list[str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.path.parent, 0o700)
-        if not self.path.exists():
-            # A file of keys: private from the first byte (WAL/SHM inherit the mode).
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        self._db = self._connect(self.path)
-        self._claim(segments)
+        self._lock(segments)
+        try:
+            if not self.path.exists():
+                # A file of keys: private from the first byte (WAL/SHM inherit the mode).
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+                fsync_dir(self.path.parent)
+            os.chmod(self.path, 0o600)
+            self._db = self._connect(self.path)
+            self._claim(segments)
+        except BaseException:
+            self._close()
+            raise
+
+    def _lock(self, segments: list[str]) -> None:
+        """Exclusive locks on our NVM file and on every segment we serve, or SegmentBusy."""
+        for seg in segments:
+            if not _SEGMENT_NAME.fullmatch(seg):
+                raise ValueError("a segment name is letters, digits, '_', '.', '-'")
+        try:
+            self._locks.append(_take_lock(self.path.with_name(self.path.name + ".lock"),
+                                          f"NVM file {self.path.name} (one --id per fleet)"))
+            for seg in sorted(set(segments)):
+                self._locks.append(_take_lock(self.path.parent / f"{seg}.segment.lock", f"segment {seg}"))
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _unlock(self) -> None:
+        while self._locks:
+            os.close(self._locks.pop())  # closing the only fd drops the flock
 
     def _claim(self, segments: list[str]) -> None:
         db = self._db
@@ -263,7 +337,7 @@ class Nvm:
         self.rows += len(counters) + len(keys)
 
     async def close(self) -> None:
-        if self._db is not None:
+        if self._db is not None or self._locks:
             await self._run(self._close)
         self._thread.shutdown()
 
@@ -271,3 +345,4 @@ class Nvm:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._unlock()

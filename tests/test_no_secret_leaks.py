@@ -258,6 +258,8 @@ def test_no_key_in_logs_monitor_messages_or_replies(tmp_path: Path) -> None:
             assert json.loads(proc.stdout.splitlines()[-1])["done"]
         proc = cli(net, outputs, "read", "m000001")
         assert proc.returncode == 0 and b"energy_wh" in proc.stdout, proc.stdout + proc.stderr
+        proc = cli(net, outputs, "keys", "handheld", "--meter", "m000001")  # the handheld's own material
+        assert proc.returncode == 0, proc.stdout + proc.stderr
         proc = cli(net, outputs, "tsp", "m000001")
         assert proc.returncode == 0 and b"energy_wh" in proc.stdout, proc.stdout + proc.stderr
         # A handheld with a wrong CC_LOCALE gets a rejected (unciphered) AARE.

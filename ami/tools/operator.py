@@ -1,5 +1,8 @@
 """Operator commands to the head-end over the bus: ``ami keys rotate`` and ``ami read``.
 
+(``ami keys handheld`` is the one local key operation: it loads a handheld,
+see ami/tools/handheld.py.)
+
 A command is a JSON object on ``ami/v1/control/headend/commands`` naming a
 reply topic under ``ami/v1/control/replies/``; the head-end answers there
 (first an acceptance, then, for rotations, the result when every meter is
@@ -19,6 +22,7 @@ from typing import Any
 from ami.protocol import topics
 from ami.runtime.bus import make_client
 from ami.runtime.service import add_common_arguments
+from ami.tools.handheld import add_load_arguments, load_main
 
 
 async def request(
@@ -49,9 +53,14 @@ def add_keys_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     rotate.add_argument("--key", choices=["session", "cc_lan", "cc_locale", "ak"], default="session")
     rotate.add_argument("--timeout", type=float, default=300.0)
     rotate.add_argument("--no-wait", action="store_true", help="return once the head-end accepted the command")
+    handheld = sub.add_parser("handheld", help="load a handheld with its round's CC_LOCALE and AK (central system)")
+    add_common_arguments(handheld, config)
+    add_load_arguments(handheld)
 
 
 def keys_main(args: argparse.Namespace, config: dict) -> int:
+    if args.keys_command == "handheld":
+        return load_main(args, config)  # runs here, on the central system: not a bus command
     command = {"op": "rotate", "key": args.key, "meters": "all" if args.all else args.meter}
     return asyncio.run(_print_replies(args, command, until_done=not args.no_wait))
 

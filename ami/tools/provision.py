@@ -8,9 +8,14 @@ Writes into the output folder:
   head-end imports it into its store (wrapped under its KEK) at start.
   Created 0600: it is a file of secrets.
 * ``network.json``: the topology (which meters sit on which concentrator's
-  PLC segment) and the system titles of the head-end and the handheld.
-* ``bus/``: MQTT credentials, ACLs and TLS material for amqtt and Mosquitto
-  (``ami.security.bus_files``).
+  PLC segment) and the system titles of the head-end and the handheld (0600).
+* ``bus/``: MQTT identities (one secret file per identity under
+  ``bus/identities/``), password hashes, ACLs and TLS material for amqtt and
+  Mosquitto (``ami.security.bus_files``); with ``--no-bus-security``, the
+  ``bus-anonymous`` marker instead.
+
+The folder itself is made 0700 (the store, the KEK, the meters' NVM and the
+handheld's folder go there too): owner only.
 
 Randomness comes from ``secrets``; nothing here is deterministic on purpose.
 """
@@ -35,25 +40,21 @@ from ami.runtime.network import (
     meter_id,
     meter_title,
 )
+from ami.security.files import write_private
 
 
 def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_private(path, text.encode("ascii"))
 
 
 def provision(out_dir: Path, meters: int, concentrators: int, *, bus_security: bool = True) -> Network:
     if meters < 1 or concentrators < 1 or concentrators > meters:
         raise ValueError("need at least one meter per concentrator")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (out_dir / FACTORY_FILE).exists():
         raise FileExistsError(f"{out_dir / FACTORY_FILE} exists: provision into a new folder")
+    os.chmod(out_dir, 0o700)  # the data folder holds keys, the store, marks: owner only
     segments: dict[str, list[str]] = {concentrator_id(c + 1): [] for c in range(concentrators)}
     names = list(segments)
     lines = []
@@ -84,11 +85,15 @@ def provision(out_dir: Path, meters: int, concentrators: int, *, bus_security: b
         "segments": segments,
         "system_titles": {m: t.hex() for m, t in titles.items()},
     }
-    (out_dir / NETWORK_FILE).write_text(json.dumps(network, indent=1))
+    _write_private(out_dir / NETWORK_FILE, json.dumps(network, indent=1))  # 0600 like every data file
     if bus_security:
         from ami.security.bus_files import write_bus_security
 
         write_bus_security(out_dir, names)
+    else:  # recorded, so that an open bus is a choice and never a fallback
+        from ami.security.bus_files import write_anonymous_marker
+
+        write_anonymous_marker(out_dir)
     return load_network(out_dir)
 
 
