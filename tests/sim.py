@@ -50,6 +50,7 @@ every fault comes from a seeded ``random.Random``, so a run is reproducible.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import heapq
 import random
@@ -148,6 +149,7 @@ class Wire:
     sender: bytes | None = None
     ic: int | None = None
     msg: Any = None  # decoded message (DB / DC), InitiateRequest (AARQ)
+    extra_ics: tuple[int, ...] = ()  # further IVs under the same key (an AARE's f(CtoS))
 
     @property
     def msg_type(self) -> str:
@@ -331,11 +333,19 @@ class StoreModel:
             row.high_seq, row.gaps = m.high_seq, list(m.gaps)
 
     def snapshot(self) -> Snapshot:
+        versions: dict[tuple[str, KeyType], int] = {}
+        for (mid, kt, version) in self.keys:
+            versions[(mid, kt)] = max(version, versions.get((mid, kt), 0))
         return Snapshot(
             [replace(m, gaps=list(m.gaps)) for m in self.meters.values()],
             [replace(k) for k in self.keys.values() if k.state is not KeyState.EXPIRED],
             [replace(s) for s in self.sessions.values()],
+            versions,
         )
+
+    def copy(self) -> StoreModel:
+        """A backup of the store as it is now (``Sim.restore_headend``)."""
+        return copy.deepcopy(self)
 
     def key_row(self, meter: str, key: bytes) -> KeyRow | None:
         for (mid, _kt, _v), row in self.keys.items():
@@ -487,6 +497,16 @@ class Sim:
         for mid in self.titles:
             self._refresh(mid)
 
+    def restore_headend(self, backup: StoreModel) -> None:
+        """The head-end restarted on a restored backup (or a copy) of its
+        store: every send mark in it is behind what was really used."""
+        self.headend_restarts += 1
+        self.store = backup.copy()
+        self.engine = self._new_engine()
+        self.engine.load(self.store.snapshot(), self.now)
+        for mid in self.titles:
+            self._refresh(mid)
+
     # -- known keys (for identification) --------------------------------------
 
     def _learn(self, mid: str, key: bytes | None, label: str) -> None:
@@ -566,6 +586,8 @@ class Sim:
                     w.kind = "aare_rejected"
                     return w, None
                 apdu, w.sender, w.kind = parse_apdu(aare.initiate_apdu), aare.responding_title, "aare"
+                if aare.auth_value is not None:  # f(CtoS) = SC || IC || GMAC: one more IV
+                    w.extra_ics = (int.from_bytes(aare.auth_value[1:5], "big"),)
             elif data[:1] == b"\x60":
                 aarq = parse_aarq(data)
                 apdu, w.sender, w.kind = parse_apdu(aarq.initiate_apdu), aarq.calling_title, "aarq"
@@ -602,17 +624,18 @@ class Sim:
     def _put_on_wire(self, w: Wire, key: bytes | None) -> None:
         self.wire.append(w)
         if w.key is not None and w.sender is not None and w.ic is not None:
-            ident = (w.key, w.sender, w.ic)
-            first = self.ledger.get(ident)
-            # The same frame sent again (an AARQ retransmitted on a timeout,
-            # a cached AARE) is one use of its IV; a different frame is reuse.
-            if first is not None and first.data != w.data:
-                self.violations.append(
-                    f"(key, IV) reuse: {w.direction} {w.kind} of {w.meter} key {w.key} sender {w.sender.hex()} "
-                    f"IC {w.ic} at {w.at - T0:.0f}s, first at {first.at - T0:.0f}s ({first.kind})"
-                )
-            elif first is None:
-                self.ledger[ident] = w
+            for ic in (w.ic, *w.extra_ics):
+                ident = (w.key, w.sender, ic)
+                first = self.ledger.get(ident)
+                # The same frame sent again (an AARQ retransmitted on a timeout,
+                # a cached AARE) is one use of its IV; a different frame is reuse.
+                if first is not None and first.data != w.data:
+                    self.violations.append(
+                        f"(key, IV) reuse: {w.direction} {w.kind} of {w.meter} key {w.key} sender {w.sender.hex()} "
+                        f"IC {ic} at {w.at - T0:.0f}s, first at {first.at - T0:.0f}s ({first.kind})"
+                    )
+                elif first is None:
+                    self.ledger[ident] = w
         if w.direction == "up":
             self._check_meter_durability(w, key)
             if isinstance(w.msg, Reading):
@@ -634,7 +657,7 @@ class Sim:
         durable = nvm.keys.get(KeyType.CC_LAN, self.factory[w.meter][KeyType.CC_LAN])
         if key != durable:
             self.violations.append(f"{w.meter} sealed a {w.kind} under a CC_LAN that is not in NVM")
-        elif w.ic >= nvm.marks.get(LAN_SEND, 0):
+        elif max((w.ic, *w.extra_ics)) >= nvm.marks.get(LAN_SEND, 0):
             self.violations.append(
                 f"{w.meter} sent {w.kind} IC {w.ic} not below its durable mark {nvm.marks.get(LAN_SEND, 0)}"
             )

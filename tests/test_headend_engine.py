@@ -27,7 +27,7 @@ M1, M2 = "m000001", "m000002"
 
 
 def rotate(sim: Sim, key: str, meters: object = "all", cid: str = "r1") -> str:
-    reply = f"replies/{cid}"
+    reply = f"ami/v1/control/replies/{cid}"
     sim.command({"op": "rotate", "key": key, "meters": meters, "id": cid, "reply": reply})
     return reply
 
@@ -68,17 +68,20 @@ def test_boot_association_and_readings_stored_exactly_once() -> None:
     sim.assert_readings()
     no_rejections(sim)
     sim.assert_clean()
-    # Every ciphered frame is in the ledger once (boot events, AARQ, AARE, readings).
-    assert len(sim.ledger) == len([w for w in sim.wire if w.key is not None]) > 6 * 16
+    # Every IV on the wire is in the ledger once (boot events, AARQ, AARE and
+    # its f(CtoS), readings).
+    ivs = [w for w in sim.wire if w.key is not None]
+    assert len(sim.ledger) == len(ivs) + sum(len(w.extra_ics) for w in ivs) > 6 * 16
+    assert sum(len(w.extra_ics) for w in ivs) == 6  # one f(CtoS) per association
 
 
 def test_read_command_gets_a_reply() -> None:
     sim = Sim(3, 1)
     sim.run(3 * INTERVAL)
-    sim.command({"op": "read", "meter": M2, "id": "q1", "reply": "replies/q1"})
+    sim.command({"op": "read", "meter": M2, "id": "q1", "reply": "ami/v1/control/replies/q1"})
     sent_at = sim.now
     sim.run(5)
-    [reply] = sim.replies_to("replies/q1")
+    [reply] = sim.replies_to("ami/v1/control/replies/q1")
     assert reply["id"] == "q1" and reply["meter"] == M2
     # The meter's instantaneous values at the moment it answered.
     answered = [w for w in sim.frames("down", M2, ReadRequest)][0].at + 1
@@ -86,19 +89,19 @@ def test_read_command_gets_a_reply() -> None:
     assert (reply["ts"], reply["energy_wh"], reply["power_w"]) == (r.ts, r.energy_wh, r.power_w)
     assert answered - sent_at <= 2
     # Errors are replies too.
-    sim.command({"op": "read", "meter": "m999999", "id": "q2", "reply": "replies/q2"})
-    sim.command({"op": "nope", "id": "q3", "reply": "replies/q3"})
+    sim.command({"op": "read", "meter": "m999999", "id": "q2", "reply": "ami/v1/control/replies/q2"})
+    sim.command({"op": "nope", "id": "q3", "reply": "ami/v1/control/replies/q3"})
     sim.step()
-    assert "error" in sim.replies_to("replies/q2")[0] and "error" in sim.replies_to("replies/q3")[0]
+    assert "error" in sim.replies_to("ami/v1/control/replies/q2")[0] and "error" in sim.replies_to("ami/v1/control/replies/q3")[0]
     no_rejections(sim)
     sim.assert_clean()
 
 
 def test_read_command_on_an_unassociated_meter_is_refused() -> None:
     sim = Sim(2, 1)
-    sim.command({"op": "read", "meter": M1, "id": "q1", "reply": "replies/q1"})
+    sim.command({"op": "read", "meter": M1, "id": "q1", "reply": "ami/v1/control/replies/q1"})
     sim.step()
-    assert sim.replies_to("replies/q1") == [{"id": "q1", "error": "meter not associated"}]
+    assert sim.replies_to("ami/v1/control/replies/q1") == [{"id": "q1", "error": "meter not associated"}]
 
 
 def test_the_simulator_catches_iv_reuse_and_frames_sent_before_their_mark() -> None:
@@ -216,7 +219,7 @@ def test_three_rotations_queued_on_one_meter() -> None:
         rotate(sim, key, [M1], cid=f"r{i}")
     sim.run(INTERVAL)
     for i in range(3):
-        assert done_reply(sim, f"replies/r{i}")["failed"] == 0
+        assert done_reply(sim, f"ami/v1/control/replies/r{i}")["failed"] == 0
     assert sim.engine.counters["key_transfers_sent"] == 3  # one in flight at a time, none repeated
     for kt in (KeyType.CC_LAN, KeyType.AK, KeyType.CC_LOCALE):
         assert sim.meters[M1].keys.get(kt) == active_key(sim, M1, kt)
@@ -455,7 +458,7 @@ def test_association_retry_after_its_cc_lan_version_expired() -> None:
     slot = sim.engine.meters[M1].slots[KeyType.CC_LAN]
     assert (slot.active, slot.new) == (2, None)
     assert sim.engine.counters["association_timeouts"] == 1
-    assert done_reply(sim, reply)["failed"] == 0 and done_reply(sim, "replies/s1")["failed"] == 0
+    assert done_reply(sim, reply)["failed"] == 0 and done_reply(sim, "ami/v1/control/replies/s1")["failed"] == 0
     sim.settle()
     sim.assert_readings()
     no_rejections(sim)
@@ -616,21 +619,30 @@ def test_boot_storm_never_reuses_a_cc_lan_iv() -> None:
     sim.assert_clean()
 
 
-def test_headend_restart_sessions_continue() -> None:
+def test_headend_restart_sessions_continue_receive_only() -> None:
+    """After a restart the stored sessions go on carrying readings (no storm
+    of re-associations), but we never seal under them again: the store may
+    be a backup whose send mark is behind what was used.  The first downlink
+    need (here a read) re-associates that one meter, and only it."""
     sim = Sim(4, 2, policy=default_policy(session_max_frames=10**6))
     sim.run(5 * INTERVAL)
-    sim.command({"op": "read", "meter": M1, "id": "q0", "reply": "replies/q0"})  # some downlink DC
+    sim.command({"op": "read", "meter": M1, "id": "q0", "reply": "ami/v1/control/replies/q0"})  # some downlink DC
     sim.run(5)
     sim.restart_headend()
     assert len([m for m in sim.engine.meters.values() if m.session is not None]) == 4
-    sim.command({"op": "read", "meter": M1, "id": "q1", "reply": "replies/q1"})
-    sim.run(5 * INTERVAL)
-    assert sim.replies_to("replies/q1")  # the downlink counter went on above its durable mark
-    assert sim.engine.counters["associations"] == 0  # the sessions carried on
+    assert all(m.session.receive_only for m in sim.engine.meters.values())
+    sim.command({"op": "read", "meter": M1, "id": "q1", "reply": "ami/v1/control/replies/q1"})
+    sim.run(INTERVAL)
+    [refused] = sim.replies_to("ami/v1/control/replies/q1")
+    assert "retry" in refused["error"]
+    assert sim.engine.counters["associations"] == 1  # M1 only; the others carried on
+    sim.command({"op": "read", "meter": M1, "id": "q2", "reply": "ami/v1/control/replies/q2"})
+    sim.run(5)
+    [reply] = sim.replies_to("ami/v1/control/replies/q2")
+    assert reply["meter"] == M1 and "energy_wh" in reply
     sim.restart_headend(lose_undrained=True)
     sim.run(5 * INTERVAL)
     sim.settle()
-    assert sim.engine.counters["associations"] == 0
     sim.assert_readings()
     no_rejections(sim)
     sim.assert_clean()

@@ -136,7 +136,7 @@ def test_reflected_downlink_frames_are_refused() -> None:
     """The head-end's own frames sent back up: an AARQ is no uplink APDU, a
     DC frame names the head-end's title, which is no meter's."""
     sim = running()
-    sim.command({"op": "read", "meter": M1, "id": "q", "reply": "r/q"})
+    sim.command({"op": "read", "meter": M1, "id": "q", "reply": "ami/v1/control/replies/q"})
     sim.run(3)
     down = [w for w in sim.wire if w.direction == "down" and w.meter == M1]
     assert {w.kind for w in down} == {"aarq", "dc"}
@@ -194,14 +194,16 @@ def test_every_single_bit_flip_of_a_genuine_frame() -> None:
 
 def expected_aare_flip_reason(sim: Sim, aare: bytes, bit: int, conc: str) -> str | None:
     """Same for an AARE: 61 L | A1 09 06 07 ctx(7) | A2 03 02 01 result |
-    A4 0A 04 08 title(8) | BE L 04 L <28 L SC IC(4) C T>.  None: not a
-    rejection (a flipped result or user-information tag leaves an unciphered
-    refusal or an AARE without a response: stale, nothing to verify)."""
+    A4 0A 04 08 title(8) | AA 13 80 11 f(CtoS)=<SC IC(4) GMAC(12)> |
+    BE L 04 L <28 L SC IC(4) C T>.  None: not a rejection (a flipped result or
+    user-information tag leaves an unciphered refusal or an AARE without a
+    response: stale, nothing to verify)."""
     byte = bit // 8
-    assert aare[17] == 0 and aare[30] == 0xBE and aare[34] == GLO_INITIATE_RESPONSE and aare[35] < 0x80
-    if byte in (17, 30):
+    assert aare[17] == 0 and aare[30] == 0xAA and aare[51] == 0xBE and aare[55] == GLO_INITIATE_RESPONSE
+    flipped = aare[byte] ^ (0x80 >> (bit % 8))
+    if byte in (17, 51):
         return None
-    if byte == 0 and aare[0] ^ (0x80 >> (bit % 8)) in _SPECIFIC_TAGS:
+    if byte == 0 and flipped in _SPECIFIC_TAGS:
         # 0x61 -> 0x21 (glo-initiateRequest): the ACSE length then reads as
         # the APDU length, and the next byte (A1) as a security control.
         return "unsupported_security"
@@ -210,10 +212,17 @@ def expected_aare_flip_reason(sim: Sim, aare: bytes, bit: int, conc: str) -> str
         if other is None:
             return "unknown_meter"
         return "wrong_segment" if sim.conc_of[other] != conc else "malformed_frame"
-    if byte < 36:
-        return "malformed_frame"  # ACSE structure, the 0x28 tag and length
-    if byte == 36:
-        return "auth_failed" if aare[36] ^ (0x80 >> (bit % 8)) == 0x10 else "unsupported_security"
+    if byte == 30:
+        # The f(CtoS) element renamed: a duplicate element is malformed; an
+        # unknown one is skipped, and the AARE, bound to nothing, is checked
+        # as a frame under CC_LAN: genuine, but already seen.
+        return "malformed_frame" if flipped in (0xA1, 0xA2, 0xA4, 0xBE) else "replay"
+    if 35 <= byte < 51:
+        return "replay"  # f(CtoS)'s IC or GMAC: bound to nothing, as above
+    if byte < 57:
+        return "malformed_frame"  # ACSE structure, f's SC, the 0x28 tag and length
+    if byte == 57:
+        return "auth_failed" if flipped == 0x10 else "unsupported_security"
     return "auth_failed"
 
 
@@ -290,7 +299,7 @@ def test_unknown_meter() -> None:
 def test_frame_under_the_previous_session_after_its_grace_period() -> None:
     sim = running(policy=dict(previous_session_grace_s=30.0))
     late = next_reading(sim, M1)  # sealed under the current session
-    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "r/s"})
+    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "ami/v1/control/replies/s"})
     sim.run(5)
     assert sim.engine.meters[M1].previous is not None
     sim.run(40)  # past the grace period
@@ -305,7 +314,7 @@ def test_frame_under_the_previous_session_after_its_grace_period() -> None:
 def test_frame_under_the_previous_session_within_its_grace_period_is_accepted() -> None:
     sim = running()
     late = next_reading(sim, M1)
-    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "r/s"})
+    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "ami/v1/control/replies/s"})
     sim.run(5)
     sim.inject_frames(C1, [(M1, late.data)])
     sim._drain()  # noqa: SLF001
@@ -321,7 +330,7 @@ def test_frames_under_the_old_cc_lan_after_reprogramming() -> None:
     sim.kill_meter(M1)
     held = hold_next(sim, lambda w: w.direction == "up" and w.meter == M1 and w.kind == "db")
     sim.run(INTERVAL)
-    sim.command({"op": "rotate", "key": "cc_lan", "meters": "all", "id": "k", "reply": "r/k"})
+    sim.command({"op": "rotate", "key": "cc_lan", "meters": "all", "id": "k", "reply": "ami/v1/control/replies/k"})
     sim.run(10)
     assert sim.engine.meters[M1].slots[KeyType.CC_LAN].active == 2
     old_cc_lan, ak = sim.factory[M1][KeyType.CC_LAN], sim.factory[M1][KeyType.AK]
@@ -456,7 +465,7 @@ def test_aare_with_no_pending_association() -> None:
     # A renewal: the AARE above is now an old one (a replay), while the
     # newest one, sent again, is a duplicate answer (the meter answers a
     # retransmitted AARQ with the same AARE): counted, not rejected.
-    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "replies/s"})
+    sim.command({"op": "rotate", "key": "session", "meters": [M1], "id": "s", "reply": "ami/v1/control/replies/s"})
     sim.run(3)
     latest = [w for w in sim.wire if w.meter == M1 and w.kind == "aare"][-1]
     assert latest.data != genuine.data
@@ -577,7 +586,7 @@ def test_fuzz_handle_batch_with_mutated_genuine_batches() -> None:
     sim = Sim(4, 2, network=rec, policy=default_policy())
     _sims.append(sim)
     sim.run(6 * INTERVAL)
-    sim.command({"op": "rotate", "key": "session", "meters": "all", "id": "s", "reply": "r/s"})
+    sim.command({"op": "rotate", "key": "session", "meters": "all", "id": "s", "reply": "ami/v1/control/replies/s"})
     sim.run(2 * INTERVAL)
     genuine = list(rec.payloads)  # all delivered: every frame in them is now a replay
     assert len(genuine) > 20

@@ -43,7 +43,7 @@ from ami.protocol.frames import (
     GLO_INITIATE_REQUEST,
     MAX_APDU_SIZE,
 )
-from ami.protocol.keys import KeyId, encode_key_transfer
+from ami.protocol.keys import KeyId, encode_key_transfer, key_check_value
 from ami.protocol.messages import (
     Event,
     GapFillReply,
@@ -440,8 +440,13 @@ def test_read_request() -> None:
 
 def transfer(rig: Rig, setup: str, key_id: KeyId, new: bytes, *, ccc: bytes | None = None) -> tuple[Output, bytes]:
     param = encode_key_transfer(ccc or rig.keys["ccc"], [(key_id, new)])
-    out = rig.run(rig.meter.on_downlink(rig.headend.dc(KeyTransfer(5, setup, param)), rig.now))
+    out = rig.run(rig.meter.on_downlink(rig.headend.dc(KeyTransfer(5, setup, param, 7)), rig.now))
     return out, out.uplink[-1]
+
+
+def acked(key_type: KeyType, key: bytes) -> KeyTransferAck:
+    """The ack a transfer of ``key`` as version 7 must get: it names what it confirms."""
+    return KeyTransferAck(5, True, "", key_type.value, 7, key_check_value(key_type, 7, key))
 
 
 def test_key_transfer_cc_lan() -> None:
@@ -451,7 +456,7 @@ def test_key_transfer_cc_lan() -> None:
     # New key and its counters at 0 are persisted before the ack leaves.
     assert out.persist[0] == KeyWrite(KeyType.CC_LAN, new)
     assert CounterMark(LAN_SEND, 0) in out.persist and CounterMark(LAN_RECV, 0) in out.persist
-    assert rig.headend.open(ack) == KeyTransferAck(5, True)
+    assert rig.headend.open(ack) == acked(KeyType.CC_LAN, new)
     assert "key_transfers_applied" in out.counters
     # The session goes on; the next association must use the new key.
     old = rig.headend.global_key
@@ -466,7 +471,7 @@ def test_key_transfer_cc_lan() -> None:
     assert old != new
     # A re-sent transfer of the same key (lost ack) is acked without resetting counters.
     out, ack = transfer(rig, "lan", KeyId.GLOBAL_UNICAST, new)
-    assert rig.headend.open(ack) == KeyTransferAck(5, True)
+    assert rig.headend.open(ack) == acked(KeyType.CC_LAN, new)
     assert not any(isinstance(p, KeyWrite) for p in out.persist)
     assert rig.meter.lan_send.next_value == 1
 
@@ -475,7 +480,7 @@ def test_key_transfer_cc_locale_then_handheld_session() -> None:
     rig = booted_and_associated()
     new = rand16()
     out, ack = transfer(rig, "local", KeyId.GLOBAL_UNICAST, new)
-    assert rig.headend.open(ack) == KeyTransferAck(5, True)
+    assert rig.headend.open(ack) == acked(KeyType.CC_LOCALE, new)
     assert out.persist[0] == KeyWrite(KeyType.CC_LOCALE, new)
     # The handheld with the old CC_LOCALE is refused, with the new one served.
     refused = rig.meter.on_local(rig.tsp.aarq(), rig.now)
@@ -495,7 +500,7 @@ def test_key_transfer_ak_with_grace() -> None:
     old_ak, new_ak = rig.keys["ak"], rand16()
     out, ack = transfer(rig, "lan", KeyId.AUTHENTICATION, new_ak)
     assert out.persist == [KeyWrite(KeyType.AK, new_ak)]  # the AK has no counters of its own
-    assert rig.headend.open(ack, ak=old_ak) == KeyTransferAck(5, True)  # ack under the OLD AK
+    assert rig.headend.open(ack, ak=old_ak) == acked(KeyType.AK, new_ak)  # ack under the OLD AK
     rig.headend.ak = new_ak
     (frame,) = rig.meter.tick(rig.now).uplink  # everything after it under the new AK
     assert isinstance(rig.headend.open(frame), Reading)
@@ -532,8 +537,8 @@ def test_key_transfer_refused(setup: str, key_id: KeyId, wrong_ccc: bool, reason
         out = rig.meter.on_downlink(frame, rig.now)
         assert out.rejected == [reason]  # the message itself does not decode: no ack possible
         return
-    out = rig.meter.on_downlink(rig.headend.dc(KeyTransfer(8, setup, param)), rig.now)
-    assert rig.headend.open(out.uplink[0]) == KeyTransferAck(8, False, reason)
+    out = rig.meter.on_downlink(rig.headend.dc(KeyTransfer(8, setup, param, 3)), rig.now)
+    assert rig.headend.open(out.uplink[0]) == KeyTransferAck(8, False, reason, version=3)
     assert out.persist == [] and out.rejected == [reason]
     assert (rig.meter.keys.cc_lan, rig.meter.keys.ak, rig.meter.keys.cc_locale) == before
 

@@ -15,23 +15,44 @@ commit is safe, publishing before it is not.
 
 from __future__ import annotations
 
+import hmac
 import heapq
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
-from ami.machines.headend_state import GlobalKey, MeterState, PendingAssociation, PendingTransfer, Session
-from ami.protocol import Opener, ProtocolError, ReceiveCounter, SendCounter, Suite0Cipher
+from ami.machines.handshakes import (
+    ASSOCIATION,
+    TRANSFER,
+    AssociationEvent,
+    AssociationState,
+    TransferEvent,
+    TransferState,
+    advance,
+)
+from ami.machines.headend_state import (
+    Attempt,
+    GlobalKey,
+    MeterState,
+    PendingAssociation,
+    PendingTransfer,
+    Session,
+)
+from ami.protocol import Opener, ProtocolError, ReceiveCounter, SendCounter, Suite0Cipher, topics
 from ami.protocol.association import (
     AARE_TAG,
+    CHALLENGE_LEN,
     InitiateRequest,
     build_aarq,
     decode_initiate_response,
     encode_initiate_request,
     parse_aare,
+    verify_hls_gmac,
 )
+from ami.protocol.counters import IC_LIMIT
 from ami.protocol.errors import (
     AuthenticationFailed,
     ExpiredKey,
@@ -60,6 +81,7 @@ from ami.protocol.keys import (
     KeyType,
     SecretBytes,
     encode_key_transfer,
+    key_check_value,
 )
 from ami.protocol.messages import (
     Event,
@@ -78,6 +100,7 @@ from ami.protocol.messages import (
 
 GLOBAL_TYPES = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 ROTATABLE = {"session", "cc_lan", "cc_locale", "ak"}
+_MAX_READS_PER_METER = 8
 _GAP_CHUNK = 256  # seqs per GapFillRequest: a reply of 256 readings fits MAX_APDU_SIZE in chunks
 
 
@@ -105,6 +128,21 @@ class Policy:
     previous_session_grace_s: float = 60.0
     counter_block: int = 4096
     max_events_per_s: int = 200
+    #: The CC_LAN "IC clock": an AARQ sent at time t carries an IC of at most
+    #: rate * (t - key created) + burst.  On start every CC_LAN send mark
+    #: jumps to that ceiling, so a store restored from a backup (whose marks
+    #: are behind what was really used) still never reuses an IV.
+    cc_lan_ic_per_s: float = 16.0
+    cc_lan_ic_burst: int = 64
+    #: Renew CC_LAN (our counters) on counter grounds past this value.
+    global_renew_at_ic: int = 0xF000_0000
+    #: Per meter, at most one association per this many seconds may be asked
+    #: for by input no key verifies (forged frames must not cause work).
+    unverified_trigger_interval_s: float = 60.0
+    #: After ``association_max_attempts`` failed rounds: wait, then start over.
+    association_cooldown_s: float = 300.0
+    #: An on-demand read with no reply after this long is answered "timeout".
+    read_timeout_s: float = 30.0
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> "Policy":
@@ -149,7 +187,6 @@ class HeadEndEngine:
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.campaigns: dict[str, Campaign] = {}
-        self._request_id = 0
         self._gap_meters: set[str] = set()
         self._gap_heap: list[tuple[float, str]] = []  # (when some gap of the meter is due, meter)
         self._associating = 0  # meters with an association in flight
@@ -159,6 +196,10 @@ class HeadEndEngine:
         self._reset_outputs()
         self._event_window = (0, 0)  # (second, events in it)
         self._campaign_done: list[Campaign] = []
+        # (not before, meter, reason): QUEUED, held by a rate limit or the IC clock
+        self._later: list[tuple[float, str, str]] = []
+        self._cooling: list[tuple[float, str, str]] = []  # (until, meter, why): COOLING_DOWN
+        self._reads_heap: list[tuple[float, str, int]] = []  # (deadline, meter, request id)
 
     # -- gauges ----------------------------------------------------------------
 
@@ -264,8 +305,17 @@ class HeadEndEngine:
         self.counters["frames_down"] += 1
 
     def _next_request_id(self) -> int:
-        self._request_id = (self._request_id + 1) & 0x7FFF_FFFF
-        return self._request_id
+        """A random 62-bit id: ids never repeat across restarts (a counter
+        restarting at 1 let an ack held back over a restart name another
+        request).  Acks are matched on what they name anyway (key type,
+        version, check value); the id only pairs replies with commands."""
+        return int.from_bytes(self._new_key()[:8], "big") >> 2
+
+    def _assoc(self, m: MeterState, event: AssociationEvent) -> None:
+        m.assoc_state = advance(ASSOCIATION, m.assoc_state, event)  # type: ignore[assignment]
+
+    def _xfer(self, m: MeterState, event: TransferEvent) -> None:
+        m.transfer_state = advance(TRANSFER, m.transfer_state, event)  # type: ignore[assignment]
 
     # -- start-up ---------------------------------------------------------------
 
@@ -283,11 +333,22 @@ class HeadEndEngine:
                 m.slots[kt] = KeySlot()
             self.meters[m.meter] = m
             self.by_title[m.title] = m
+        for (mid, kt), version in snapshot.max_versions.items():
+            if mid in self.meters:
+                m = self.meters[mid]
+                m.version_high[kt] = max(m.version_high.get(kt, 0), version)
         for k in snapshot.keys:
             m = self.meters[k.meter]
+            tx_mark = k.tx_mark
+            if k.key_type is KeyType.CC_LAN:
+                # A store restored from a backup, or a copy, holds send marks
+                # behind what was really used: jump past every value the IC
+                # clock allowed before now (Policy.cc_lan_ic_per_s).
+                tx_mark = max(tx_mark, min(IC_LIMIT, self._ic_ceiling(k.created, now) + 1))
             m.keys[k.key_type][k.version] = GlobalKey(
-                k.version, k.key, k.state, k.created, SendCounter(k.tx_mark, block=block), ReceiveCounter(k.rx_lowest)
+                k.version, k.key, k.state, k.created, SendCounter(tx_mark, block=block), ReceiveCounter(k.rx_lowest)
             )
+            m.version_high[k.key_type] = max(m.version_high.get(k.key_type, 0), k.version)
             slot = m.slots[k.key_type]
             if k.state is KeyState.ACTIVE:
                 slot.active = k.version
@@ -309,9 +370,22 @@ class HeadEndEngine:
                 ReceiveCounter(s.rx_lowest),
                 s.frames,
             )
+            m.session.receive_only = True
             m.next_serial = max(m.next_serial, s.serial + 1)
             self._schedule_age(m, m.session)
         self.counters["meters"] = len(self.meters)
+        for m in self.meters.values():
+            # A key change interrupted by our stop: finish it (or roll it back)
+            # now, not at some later renewal.  An association tries a NEW
+            # CC_LAN first; a NEW AK or CC_LOCALE is sent again (same version,
+            # same bytes: a meter that took it just acks again).
+            pending = [kt for kt in (KeyType.AK, KeyType.CC_LOCALE) if m.slots[kt].new is not None]
+            for kt in pending:
+                if kt not in m.wanted_transfers:
+                    m.wanted_transfers.append(kt)
+            if pending or m.slots[KeyType.CC_LAN].new is not None:
+                self.counters["key_changes_resumed"] += 1
+                self._associate(m, now, "resume_key_change")
 
     def _restore_pending(self, m: MeterState, row: SessionRow, now: float) -> None:
         """An AARQ was in flight when we stopped: the meter may have taken its
@@ -321,7 +395,11 @@ class HeadEndEngine:
         if row.lan_version not in order:
             return  # its CC_LAN expired since: that AARQ can no longer matter
         order = [row.lan_version] + [v for v in order if v != row.lan_version]
-        m.association = PendingAssociation(row.key, row.serial, order, 0, now, 1, "restored")
+        # No frame to resend (frame empty, held_until inf): its timeout
+        # brings the next attempt, with a fresh key (never offer one twice).
+        m.association = PendingAssociation(row.key, row.serial, order, 0, now, 1, "restored", held_until=math.inf)
+        self._assoc(m, AssociationEvent.WANTED)
+        self._assoc(m, AssociationEvent.ADMITTED)
         self._associating += 1
         m.next_serial = max(m.next_serial, row.serial + 1)
         self._pending_meters.add(m.meter)
@@ -452,7 +530,7 @@ class HeadEndEngine:
                 raise ExpiredKey("frame under a session that has ended")
             # We hold no session (forgot it, or the meter never associated):
             # associate, and reject this frame; gap-fill recovers its reading.
-            self._associate(m, now, "no_session")
+            self._associate(m, now, "no_session", unverified=True)
             raise UnknownKey("no session with this meter")
         # Recovery: the meter may have taken a NEW AK whose ack we never got.
         slot = m.slots[KeyType.AK]
@@ -473,7 +551,7 @@ class HeadEndEngine:
             # Sessions out of step (an association answer lost at the wrong
             # moment): a fresh association puts both sides on one key again.
             m.auth_failures = 0
-            self._associate(m, now, "auth_failures")
+            self._associate(m, now, "auth_failures", unverified=True)
         if self._verifies_under_expired_session(m, apdu):
             raise ExpiredKey("frame under a session that has ended")
         raise AuthenticationFailed("no session key of this meter verifies the frame")
@@ -533,6 +611,8 @@ class HeadEndEngine:
                 self._dirty_keys.add((m.meter, key_type, version))
                 if version != slot.active:
                     self._activate(m, key_type, version, now, recovered=True)
+                if gk.rx.lowest_acceptable >= self.policy.global_renew_at_ic:
+                    self._counter_renewal(m, key_type, now)
                 if ak_version != ak_slot.active:
                     self._activate(m, KeyType.AK, ak_version, now, recovered=True)
                 return plaintext
@@ -551,6 +631,16 @@ class HeadEndEngine:
             # A rebooted meter has forgotten its session: so do we, and associate.
             self._drop_session(m)
             self._associate(m, now, "boot")
+        elif ev.kind == "counter_threshold":
+            # The meter's counters under a global key near their end (it sees
+            # CC_LOCALE's, which we never do): reprogram that key.
+            try:
+                key_type = KeyType(ev.detail)
+            except ValueError:
+                key_type = None
+            if key_type in (KeyType.CC_LAN, KeyType.CC_LOCALE):
+                self._counter_renewal(m, key_type, now)
+            self._event("meter_event", meter=m.meter, event=ev.kind, detail=ev.detail, ts=ev.ts)
         else:
             self._event("meter_event", meter=m.meter, event=ev.kind, detail=ev.detail, ts=ev.ts)
 
@@ -593,7 +683,9 @@ class HeadEndEngine:
             if not m.gaps:
                 self._gap_meters.discard(mid)
                 continue
-            if m.session is None or m.association is not None:
+            if m.session is None or m.association is not None or m.session.receive_only:
+                if m.session is not None and m.session.receive_only:
+                    self._associate(m, now, "downlink_needed")
                 deferred.append((now + self.policy.gap_fill_delay_s, mid))  # ask once associated
                 continue
             due = sorted(seq for seq, when in m.gaps.items() if when <= now)
@@ -634,8 +726,27 @@ class HeadEndEngine:
 
     # -- association -----------------------------------------------------------
 
-    def _associate(self, m: MeterState, now: float, reason: str) -> None:
-        if m.association is not None or m.meter in self._waiting:
+    def _associate(self, m: MeterState, now: float, reason: str, *, unverified: bool = False) -> None:
+        """Ask for an association.  ``unverified``: asked for by input that no
+        key verified (a frame under no session we hold, failing tags): at most
+        one such association per meter per ``unverified_trigger_interval_s``,
+        so forged frames cannot make us work."""
+        if m.assoc_state is not AssociationState.IDLE:
+            self._assoc(m, AssociationEvent.WANTED)  # already on its way
+            return
+        not_before = now
+        if unverified:
+            if now < m.next_unverified_trigger:
+                self.counters["associations_rate_limited"] += 1
+                not_before = m.next_unverified_trigger
+            m.next_unverified_trigger = max(now, not_before) + self.policy.unverified_trigger_interval_s
+        self._assoc(m, AssociationEvent.WANTED)
+        self._queue(m, not_before, reason, now)
+
+    def _queue(self, m: MeterState, not_before: float, reason: str, now: float) -> None:
+        """QUEUED: admit now if we may, else wait for admission or a timer."""
+        if not_before > now:
+            heapq.heappush(self._later, (not_before, m.meter, reason))
             return
         if self._associating >= self.policy.max_pending_associations:
             # Admission control: under a storm, more in flight only means
@@ -643,14 +754,34 @@ class HeadEndEngine:
             self._waiting[m.meter] = reason
             self.counters["associations_queued"] += 1
             return
-        self._associating += 1
+        self._admit(m, now, reason)
+
+    def _admit(self, m: MeterState, now: float, reason: str) -> None:
         order = m.slots[KeyType.CC_LAN].try_order()
-        m.association = PendingAssociation(
-            SecretBytes(self._new_key()), m.next_serial, order, 0, now, 1, reason
-        )
+        wait = self._ic_clock_wait(m.keys[KeyType.CC_LAN][order[0]], now)
+        if wait > 0:
+            self.counters["aarq_held_by_ic_clock"] += 1
+            heapq.heappush(self._later, (now + wait, m.meter, reason))
+            return
+        self._associating += 1
+        m.association = PendingAssociation(SecretBytes(self._new_key()), m.next_serial, order, 0, now, 1, reason)
         m.next_serial += 1
+        self._assoc(m, AssociationEvent.ADMITTED)
         self._pending_meters.add(m.meter)
         self._send_aarq(m, now)
+
+    # The CC_LAN IC clock (Policy.cc_lan_ic_per_s): see load().
+
+    def _ic_ceiling(self, created: float, now: float) -> int:
+        p = self.policy
+        return int(max(0.0, now - created) * p.cc_lan_ic_per_s) + p.cc_lan_ic_burst
+
+    def _ic_clock_wait(self, gk: GlobalKey, now: float) -> float:
+        """Seconds until the IC clock lets ``gk`` send its next value (0: now)."""
+        excess = gk.tx.next_value - self._ic_ceiling(gk.created, now)
+        if excess <= 0:
+            return 0.0
+        return math.ceil(excess / self.policy.cc_lan_ic_per_s * 1000) / 1000
 
     def _send_aarq(self, m: MeterState, now: float) -> None:
         pa = m.association
@@ -666,76 +797,125 @@ class HeadEndEngine:
             pa.offered = (pa.offered + [pa.session_key])[-3:]
             pa.session_key = SecretBytes(self._new_key())
         gk = m.keys[KeyType.CC_LAN][pa.version]
-        self._reserve(gk.tx)
+        pa.sent_at = now
+        wait = self._ic_clock_wait(gk, now)
+        if wait > 0 or gk.tx.next_value >= IC_LIMIT:
+            # Nothing goes out yet: this attempt waits for the IC clock
+            # (handle_timer sends it then), or, counter exhausted, times out.
+            pa.frame = b""
+            pa.held_until = now + wait if wait > 0 else math.inf
+            self.counters["aarq_held_by_ic_clock"] += 1
+            if gk.tx.next_value >= self.policy.global_renew_at_ic:
+                self._counter_renewal(m, KeyType.CC_LAN, now)
+            return
+        pa.held_until = 0.0
+        if gk.tx.wants_reservation or not gk.tx.available:
+            # Never reserve past the IC clock, so that the jump on start
+            # (ceiling + 1) lies above every value this store ever reserved.
+            mark = min(gk.tx.next_reservation(), self._ic_ceiling(gk.created, now) + 1)
+            gk.tx.confirm_reservation(mark)
         self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
+        pa.challenge = self._new_key()[:CHALLENGE_LEN]
+        m.attempt_seq += 1
+        m.attempts = (m.attempts + [Attempt(m.attempt_seq, pa.challenge, pa.session_key, pa.version)])[-4:]
         initiate = encode_initiate_request(InitiateRequest(dedicated_key=pa.session_key))
         apdu = seal_apdu(Suite0Cipher(gk.key, m.ak), GLO_INITIATE_REQUEST, self.title, gk.tx.take(), initiate)
-        pa.sent_at = now
-        pa.frame = build_aarq(self.title, apdu)
+        pa.frame = build_aarq(self.title, apdu, pa.challenge)
         self._dirty_pending.add(m.meter)  # its key is durable before the AARQ leaves
         self._send(m, pa.frame)
         self.counters["aarq_sent"] += 1
+        if gk.tx.next_value >= self.policy.global_renew_at_ic:
+            self._counter_renewal(m, KeyType.CC_LAN, now)
 
     def _on_aare(self, m: MeterState, aare, now: float, data: bytes = b"") -> None:
-        pa = m.association
         if data and data == m.last_aare:
             # The meter's answer to a retransmitted AARQ: the same frame again.
             self.counters["duplicate_aare"] += 1
             return
-        if pa is None:
-            # A late answer to an attempt we already replaced (or completed):
-            # harmless if genuine, so verify it before calling it stale; a
-            # replayed or forged AARE is rejected like any other frame.  An
-            # unciphered refusal cannot be verified and changes nothing.
-            if aare.accepted and aare.initiate_apdu is not None:
-                apdu = parse_apdu(aare.initiate_apdu)
-                if apdu.tag != GLO_INITIATE_RESPONSE:
-                    raise MalformedFrame("AARE does not carry a glo-initiateResponse")
-                decode_initiate_response(self._open_global(m, KeyType.CC_LAN, apdu, now))
-            self.counters["stale_aare"] += 1
-            return
         if not aare.accepted or aare.initiate_apdu is None:
+            # Unciphered: anyone on the path can forge one.  At most a hint to
+            # try the next CC_LAN version now rather than after the timeout;
+            # it never changes key state.
+            pa = m.association
+            if pa is None or not pa.frame:
+                self.counters["stale_aare"] += 1
+                return
             self.counters["associations_rejected"] += 1
+            self._assoc(m, AssociationEvent.REFUSED)
             self._next_association_attempt(m, now, "rejected")
             return
         apdu = parse_apdu(aare.initiate_apdu)
         if apdu.tag != GLO_INITIATE_RESPONSE:
             raise MalformedFrame("AARE does not carry a glo-initiateResponse")
-        gk = m.keys[KeyType.CC_LAN].get(pa.version)
-        if gk is None:
-            # The CC_LAN this AARQ went under expired since: go on with today's.
-            self._next_association_attempt(m, now, "key_changed")
-            raise ExpiredKey("AARE under a CC_LAN version no longer held")
-        # The meter seals its AARE under its current AK: a NEW AK whose
-        # transfer ack was lost is tried too, and activated if it verifies
-        # (as for DB and DC frames); else the association could never finish.
-        ak_slot = m.slots[KeyType.AK]
-        aks = [(ak_slot.active, m.ak)]
-        if ak_slot.new is not None:
-            aks.append((ak_slot.new, m.keys[KeyType.AK][ak_slot.new].key))
-        for i, (ak_version, ak) in enumerate(aks):
-            try:
-                plaintext = Opener(Suite0Cipher(gk.key, ak), m.title, gk.rx).open(apdu)
-            except AuthenticationFailed:
-                if i + 1 == len(aks):
-                    raise
-                continue
-            if ak_version != ak_slot.active:
-                self._activate(m, KeyType.AK, ak_version, now, recovered=True)
-            break
-        decode_initiate_response(plaintext)
-        self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
+        bound = self._bound_attempt(m, aare.auth_value) if aare.auth_value is not None else None
+        if bound is None:
+            # It answers no AARQ we remember: a late answer from before a
+            # restart, a replay or a forgery.  Verified like any frame (a
+            # forgery or a replay is rejected), it may prove that the meter
+            # holds a NEW key (positive recovery), never what the meter lacks.
+            decode_initiate_response(self._open_global(m, KeyType.CC_LAN, apdu, now))
+            self.counters["stale_aare"] += 1
+            return
+        attempt, gk, ak_version, ak = bound
+        if attempt.seq <= m.installed_attempt:
+            # Answers an AARQ we have moved on from: verify it (a tampered
+            # copy is rejected like any frame), then count it, nothing more.
+            open_apdu(Suite0Cipher(gk.key, ak), apdu, m.title)
+            if apdu.invocation_counter < gk.rx.lowest_acceptable:
+                raise ReplayedFrame("AARE below the CC_LAN receive floor")
+            self.counters["stale_aare"] += 1
+            return
+        decode_initiate_response(Opener(Suite0Cipher(gk.key, ak), m.title, gk.rx).open(apdu))
+        self._dirty_keys.add((m.meter, KeyType.CC_LAN, attempt.version))
+        if ak_version != m.slots[KeyType.AK].active:
+            self._activate(m, KeyType.AK, ak_version, now, recovered=True)
         slot = m.slots[KeyType.CC_LAN]
-        if pa.version == slot.new:
-            self._activate(m, KeyType.CC_LAN, pa.version, now, recovered=True)
-        elif slot.new is not None:
-            # The meter answered under ACTIVE: it never took the NEW key.
+        if attempt.version == slot.new:
+            self._activate(m, KeyType.CC_LAN, attempt.version, now, recovered=True)
+        elif slot.new is not None and attempt.version == slot.active:
+            # Bound to an AARQ under ACTIVE: when it answered, the meter held
+            # ACTIVE, so it never took the NEW key (a meter only ever moves
+            # forward, and only under the session this answer just replaced).
             self._withdraw(m, KeyType.CC_LAN, now, "meter kept the active key")
         m.last_aare = bytes(data)
-        self._install_session(m, pa, now)
+        self._install_attempt(m, attempt, now)
 
-    def _install_session(self, m: MeterState, pa: PendingAssociation, now: float) -> None:
-        block = self.policy.counter_block
+    def _bound_attempt(
+        self, m: MeterState, auth_value: bytes
+    ) -> tuple[Attempt, GlobalKey, int, bytes] | None:
+        """The attempt whose challenge ``auth_value`` answers, with the
+        CC_LAN version and the AK (version, bytes) it verified under."""
+        ak_slot = m.slots[KeyType.AK]
+        aks = [(v, m.keys[KeyType.AK][v].key) for v in (ak_slot.active, ak_slot.new) if v is not None]
+        for attempt in reversed(m.attempts):
+            gk = m.keys[KeyType.CC_LAN].get(attempt.version)
+            if gk is None:
+                continue
+            for ak_version, ak in aks:
+                try:
+                    verify_hls_gmac(Suite0Cipher(gk.key, ak), m.title, auth_value, attempt.challenge)
+                except AuthenticationFailed:
+                    continue
+                return attempt, gk, ak_version, ak
+        return None
+
+    def _install_attempt(self, m: MeterState, attempt: Attempt, now: float) -> None:
+        pa = m.association
+        if pa is not None and (attempt.session_key == pa.session_key or attempt.session_key in pa.offered):
+            pa.session_key = attempt.session_key
+            m.installed_attempt = attempt.seq
+            self._install_session(m, pa, now)
+            return
+        # A newer attempt of an association that completed already (its AARE
+        # overtook this one's): the meter's session is this one now.
+        m.installed_attempt = attempt.seq
+        self._new_session(m, m.next_serial, attempt.session_key, now)
+        m.next_serial += 1
+        self.counters["associations_superseded"] += 1
+        if m.transfer is None and m.association is None:
+            self._start_wanted_transfer(m, now)
+
+    def _new_session(self, m: MeterState, serial: int, key: SecretBytes, now: float) -> None:
         old = m.session
         if old is not None:
             old.expires = now + self.policy.previous_session_grace_s
@@ -743,22 +923,32 @@ class HeadEndEngine:
                 m.expired_session_key = m.previous.key
             m.previous = old
         m.session = Session.build(
-            pa.serial,
-            pa.session_key,
-            m.ak,
-            now,
-            self.title,
-            m.title,
-            SendCounter(0, block=block),
+            serial, key, m.ak, now, self.title, m.title, SendCounter(0, block=self.policy.counter_block),
             ReceiveCounter(0),
         )
-        m.association = None
-        self._associating -= 1
-        self._dirty_pending.add(m.meter)
         self._dirty_sessions.add(m.meter)
         self._new_sessions.add(m.meter)
         self._deleted_sessions.discard(m.meter)
         self._schedule_age(m, m.session)
+        if m.transfer is not None and old is not None and m.transfer_state is TransferState.AWAITING_ACK:
+            # The transfer went under the session just replaced: the meter has
+            # dropped that key, so the transfer can no longer arrive.  Send it
+            # again under the new one (same key, same version: idempotent).
+            t = m.transfer
+            m.transfer = None
+            self._xfer(m, TransferEvent.SESSION_LOST)
+            if t.key_type not in m.wanted_transfers:
+                m.wanted_transfers.insert(0, t.key_type)
+
+    def _install_session(self, m: MeterState, pa: PendingAssociation, now: float) -> None:
+        self._new_session(m, pa.serial, pa.session_key, now)
+        for attempt in m.attempts:
+            if attempt.session_key == pa.session_key:
+                m.installed_attempt = max(m.installed_attempt, attempt.seq)
+        m.association = None
+        self._associating -= 1
+        self._assoc(m, AssociationEvent.ANSWERED)
+        self._dirty_pending.add(m.meter)
         self.counters["associations"] += 1
         if pa.reason not in ("boot", "no_session"):
             self.counters["session_renewals"] += 1
@@ -777,7 +967,7 @@ class HeadEndEngine:
             # the meter and us settle on different offers.
             pa.attempts += 1
             if pa.attempts > self.policy.association_max_attempts:
-                return self._give_up_association(m, why)
+                return self._give_up_association(m, now, why)
             pa.sent_at = now
             self._send(m, pa.frame)
             self.counters["aarq_retransmitted"] += 1
@@ -788,16 +978,19 @@ class HeadEndEngine:
             pa.index = 0
             pa.attempts += 1
             if pa.attempts > self.policy.association_max_attempts:
-                return self._give_up_association(m, why)
+                return self._give_up_association(m, now, why)
         self._send_aarq(m, now)
 
-    def _give_up_association(self, m: MeterState, why: str) -> None:
+    def _give_up_association(self, m: MeterState, now: float, why: str) -> None:
         m.association = None
         self._associating -= 1
+        self._assoc(m, AssociationEvent.GAVE_UP)
         self._dirty_pending.add(m.meter)
         self.counters["associations_failed"] += 1
         self._event("alarm", alarm="association_failed", meter=m.meter, why=why)
         self._campaign_failed(m.meter, "session")
+        m.cooldown_until = now + self.policy.association_cooldown_s
+        heapq.heappush(self._cooling, (m.cooldown_until, m.meter, why))
 
     def _drop_session(self, m: MeterState) -> None:
         if m.session is not None or m.previous is not None:
@@ -823,22 +1016,36 @@ class HeadEndEngine:
         if self.policy.session_max_age_s > 0:
             heapq.heappush(self._age_heap, (s.created + self.policy.session_max_age_s, m.meter, s.serial))
 
+    def _counter_renewal(self, m: MeterState, key_type: KeyType, now: float) -> None:
+        """A global key's counters near their end: reprogram it (once)."""
+        if key_type in m.wanted_transfers or (m.transfer is not None and m.transfer.key_type is key_type):
+            return
+        if m.slots[key_type].new is not None:
+            return  # a new one is already on its way
+        self.counters[f"counter_renewals_{key_type.value}"] += 1
+        self.request_rotation(m, key_type, now)
+
     # -- key transfer ----------------------------------------------------------
 
     def request_rotation(self, m: MeterState, key_type: KeyType, now: float) -> None:
         if key_type not in m.wanted_transfers:
             m.wanted_transfers.append(key_type)
-        if m.session is None:
+        if m.session is None or m.session.receive_only:
             self._associate(m, now, "key_transfer")
         elif m.transfer is None and m.association is None:
             self._start_wanted_transfer(m, now)
 
     def _start_wanted_transfer(self, m: MeterState, now: float) -> None:
+        if m.session is None or m.session.receive_only:
+            return  # after the next association
         while m.wanted_transfers and m.transfer is None:
             key_type = m.wanted_transfers.pop(0)
             slot = m.slots[key_type]
             if slot.new is None:
-                version = max(m.keys[key_type]) + 1
+                # Never a version used before, not even by a withdrawn key: an
+                # ack names its version, and the store row must not be reused.
+                version = max(m.version_high.get(key_type, 0), max(m.keys[key_type], default=0)) + 1
+                m.version_high[key_type] = version
                 slot.propose(version)
                 m.keys[key_type][version] = GlobalKey(
                     version,
@@ -851,6 +1058,7 @@ class HeadEndEngine:
                 self._dirty_keys.add((m.meter, key_type, version))
                 self._new_keys.add((m.meter, key_type, version))
             m.transfer = PendingTransfer(self._next_request_id(), key_type, slot.new, now)
+            self._xfer(m, TransferEvent.SENT)
             self._pending_meters.add(m.meter)
             self._send_transfer(m, now)
 
@@ -860,21 +1068,44 @@ class HeadEndEngine:
         new_key = m.keys[t.key_type][t.version].key
         param = encode_key_transfer(m.key(KeyType.CCC).key, [(key_id, new_key)])
         t.sent_at = now
-        self._send_session(m, KeyTransfer(t.request_id, setup.value, param))
+        self._send_session(m, KeyTransfer(t.request_id, setup.value, param, t.version))
         self.counters["key_transfers_sent"] += 1
 
-    def _on_transfer_ack(self, m: MeterState, ack: KeyTransferAck, now: float) -> None:
-        t = m.transfer
-        if t is None or ack.request_id != t.request_id:
-            self.counters["stale_acks"] += 1
-            return
+    def _end_transfer(self, m: MeterState, event: TransferEvent) -> None:
         m.transfer = None
-        if ack.ok:
+        self._xfer(m, event)
+
+    def _on_transfer_ack(self, m: MeterState, ack: KeyTransferAck, now: float) -> None:
+        """An ack confirms what it names, whatever request it says it answers:
+        (key type, version) and the check value of the key installed."""
+        t = m.transfer
+        if not ack.ok:
+            # Authenticated (it came under the session), but it must refuse
+            # the version in flight: an old refusal held back proves nothing.
+            if t is None or ack.version != t.version:
+                self.counters["stale_acks"] += 1
+                return
+            self._end_transfer(m, TransferEvent.REFUSED)
             if m.slots[t.key_type].new == t.version:
-                self._activate(m, t.key_type, t.version, now)
-        else:
-            self._withdraw(m, t.key_type, now, ack.reason or "refused")
+                self._withdraw(m, t.key_type, now, ack.reason or "refused")
             self._campaign_failed(m.meter, t.key_type.value)
+        else:
+            try:
+                key_type = KeyType(ack.key_type)
+            except ValueError:
+                raise MalformedMessage("ack names no known key type") from None
+            gk = m.keys.get(key_type, {}).get(ack.version)
+            if gk is None or not hmac.compare_digest(key_check_value(key_type, ack.version, gk.key), ack.check):
+                # Names a key we do not hold (withdrawn, from before a restore)
+                # or another key under a reused number: confirms nothing.
+                self.counters["stale_acks"] += 1
+                return
+            if t is not None and t.key_type is key_type and t.version == ack.version:
+                self._end_transfer(m, TransferEvent.CONFIRMED)
+            if m.slots[key_type].new == ack.version:
+                self._activate(m, key_type, ack.version, now)
+            else:
+                self.counters["duplicate_acks"] += 1  # already active: a re-sent transfer's ack
         self._start_wanted_transfer(m, now)
         if m.transfer is None and m.association is None:
             self._pending_meters.discard(m.meter)
@@ -896,7 +1127,7 @@ class HeadEndEngine:
                 if s is not None:
                     s.rekey_ak(gk.key)
         if m.transfer is not None and m.transfer.key_type is key_type and m.transfer.version == version:
-            m.transfer = None
+            self._end_transfer(m, TransferEvent.RECOVERED)
         self.counters[f"reprogrammed_{key_type.value}"] += 1
         if recovered:
             self.counters["key_recoveries"] += 1
@@ -923,7 +1154,7 @@ class HeadEndEngine:
             # session, which carried the transfer, is gone).  Forget it, or
             # its retry would look up a key we no longer hold, and ask for
             # the key again: a fresh NEW goes out under the new session.
-            m.transfer = None
+            self._end_transfer(m, TransferEvent.SESSION_LOST)
             if key_type not in m.wanted_transfers:
                 m.wanted_transfers.insert(0, key_type)
         self.counters["keys_withdrawn"] += 1
@@ -965,8 +1196,15 @@ class HeadEndEngine:
                 return self._reply(reply, {"id": cid, "error": "unknown meter"})
             if m.session is None:
                 return self._reply(reply, {"id": cid, "error": "meter not associated"})
+            if m.session.receive_only:
+                self._associate(m, now, "downlink_needed")
+                return self._reply(reply, {"id": cid, "error": "session being renewed after a restart: retry"})
+            if len(m.reads) >= _MAX_READS_PER_METER:
+                return self._reply(reply, {"id": cid, "error": "too many reads in flight for this meter"})
             rid = self._next_request_id()
-            m.reads[rid] = (cid, reply)
+            deadline = now + self.policy.read_timeout_s
+            m.reads[rid] = (cid, reply, deadline)
+            heapq.heappush(self._reads_heap, (deadline, m.meter, rid))
             self._send_session(m, ReadRequest(rid))
         elif op == "status":
             self._reply(reply, {"id": cid, "meters": len(self.meters), "counters": dict(self.counters)})
@@ -974,15 +1212,22 @@ class HeadEndEngine:
             self._reply(reply, {"id": cid, "error": f"unknown op {op!r}"})
 
     def _reply(self, topic: str | None, body: dict) -> None:
-        if topic:
-            self._replies.append((topic, body))
+        """Replies go only to the control-replies namespace: a command naming
+        another topic (a concentrator's downlink, the head-end's own input)
+        gets no reply at all, and the attempt is counted."""
+        if not topic:
+            return
+        if not topics.is_control_reply(topic):
+            self.counters["replies_refused_topic"] += 1
+            return
+        self._replies.append((topic, body))
 
     def _on_read_reply(self, m: MeterState, msg: ReadReply) -> None:
         waiting = m.reads.pop(msg.request_id, None)
         if waiting is None:
             self.counters["stale_replies"] += 1
             return
-        cid, reply = waiting
+        cid, reply, _deadline = waiting
         r = msg.reading
         self._reply(
             reply,
@@ -1012,46 +1257,90 @@ class HeadEndEngine:
 
     # -- timers --------------------------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def next_timer(self) -> float:
+        """When ``handle_timer`` next has work (engine clock; inf: nothing)."""
+        p = self.policy
+        when = math.inf
+        for mid in self._pending_meters:
+            m = self.meters[mid]
+            pa, t = m.association, m.transfer
+            if pa is not None:
+                when = min(when, pa.sent_at + p.association_timeout_s * min(2 ** (pa.attempts - 1), 8))
+                if not pa.frame:
+                    when = min(when, pa.held_until)
+            if t is not None:
+                when = min(when, t.sent_at + p.transfer_timeout_s)
+        for heap in (self._later, self._cooling, self._age_heap, self._gap_heap, self._reads_heap):
+            if heap:
+                when = min(when, heap[0][0])
+        if (self._waiting and self._associating < p.max_pending_associations) or self._campaign_done:
+            when = -math.inf  # now
+        return when
+
+    def handle_timer(self, now: float) -> None:
+        """Everything due at ``now``: timeouts, queued associations, renewals,
+        gap-fill, expired reads, finished campaigns."""
         p = self.policy
         for mid in list(self._pending_meters):
             m = self.meters[mid]
             pa = m.association
+            if pa is not None and not pa.frame and pa.held_until <= now:
+                self._send_aarq(m, now)  # held by the IC clock until now
             # Back off: 1x, 2x, 4x, 8x the timeout over successive rounds.
-            if pa is not None and now - pa.sent_at >= p.association_timeout_s * min(2 ** (pa.attempts - 1), 8):
+            elif pa is not None and now - pa.sent_at >= p.association_timeout_s * min(2 ** (pa.attempts - 1), 8):
                 self.counters["association_timeouts"] += 1
+                self._assoc(m, AssociationEvent.TIMED_OUT)
                 self._next_association_attempt(m, now, "timeout")
             t = m.transfer
             if t is not None and now - t.sent_at >= p.transfer_timeout_s:
-                if m.session is None:
-                    m.transfer = None
+                if m.session is None or m.session.receive_only:
+                    self._end_transfer(m, TransferEvent.SESSION_LOST)
                     m.wanted_transfers.insert(0, t.key_type)
                     self._associate(m, now, "key_transfer")
                 elif t.attempts >= p.transfer_max_attempts:
-                    m.transfer = None
+                    self._end_transfer(m, TransferEvent.FAILED)
                     self.counters["key_transfers_failed"] += 1
                     self._event("alarm", alarm="key_transfer_failed", meter=mid, key=t.key_type.value)
                     self._campaign_failed(mid, t.key_type.value)
                 else:
-                    # Same key again: a meter that already took it just acks again.
+                    # Same key, same version again: a meter that already took
+                    # it just acks again (the ack names the version, not the id).
                     t.attempts += 1
-                    t.request_id = self._next_request_id()
+                    self._xfer(m, TransferEvent.RESENT)
                     self._send_transfer(m, now)
             if m.association is None and m.transfer is None:
                 self._pending_meters.discard(mid)
+        for heap in (self._later, self._cooling):
+            while heap and heap[0][0] <= now:
+                _when, mid, reason = heapq.heappop(heap)
+                m = self.meters[mid]
+                if m.assoc_state is AssociationState.COOLING_DOWN:
+                    self._assoc(m, AssociationEvent.COOLED_DOWN)
+                if m.assoc_state is AssociationState.QUEUED and mid not in self._waiting:
+                    self._queue(m, now, reason, now)
         while self._waiting and self._associating < p.max_pending_associations:
             mid = next(iter(self._waiting))
             reason = self._waiting.pop(mid)
-            self._associate(self.meters[mid], now, reason)
+            self._admit(self.meters[mid], now, reason)
         while self._age_heap and self._age_heap[0][0] <= now:
             _due, mid, serial = heapq.heappop(self._age_heap)
             m = self.meters[mid]
             if m.session is not None and m.session.serial == serial:
                 self._associate(m, now, "renewal")
+        while self._reads_heap and self._reads_heap[0][0] <= now:
+            _due, mid, rid = heapq.heappop(self._reads_heap)
+            waiting = self.meters[mid].reads.pop(rid, None)
+            if waiting is not None:
+                self.counters["reads_expired"] += 1
+                self._reply(waiting[1], {"id": waiting[0], "meter": mid, "error": "timeout"})
         if p.global_key_max_age_s > 0:
             self._global_age_policy(now)
         self._gap_fill(now)
         self._finish_campaigns(now)
+
+    def tick(self, now: float) -> None:
+        """``handle_timer`` under its old name (the services call it each round)."""
+        self.handle_timer(now)
 
     def _global_age_policy(self, now: float) -> None:
         limit = self.policy.global_key_max_age_s

@@ -55,6 +55,9 @@ class Snapshot:
     meters: list[MeterRow]
     keys: list[KeyRow]
     sessions: list[SessionRow]
+    #: (meter, key type) -> highest version in the store, EXPIRED rows
+    #: included (they are not loaded): a version number is never reused.
+    max_versions: dict[tuple[str, KeyType], int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ami.machines.handshakes import AssociationState, TransferState
 from ami.protocol import Opener, ReceiveCounter, Sealer, SendCounter, Suite0Cipher
 from ami.protocol.frames import GENERAL_DED_CIPHERING
 from ami.protocol.keys import KeySlot, KeyState, KeyType, SecretBytes
@@ -32,6 +33,11 @@ class Session:
     opener: Opener  # meter -> head-end
     frames: int = 0
     expires: float | None = None  # set when it became the previous session
+    #: Loaded from the store at start: we may still *open* frames under it,
+    #: never seal (a store restored from a backup holds an old send mark: a
+    #: frame sealed from it could reuse an IV).  The first downlink need
+    #: re-associates instead, which costs one AARQ under the CC_LAN IC clock.
+    receive_only: bool = False
 
     @classmethod
     def build(
@@ -63,6 +69,19 @@ class Session:
         self.opener.cipher = cipher
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One AARQ as sent: what a bound AARE (its f(challenge)) proves the meter took."""
+
+    seq: int  # increases with every attempt to this meter (in memory)
+    challenge: bytes
+    session_key: SecretBytes
+    version: int  # the CC_LAN version the AARQ went under
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.seq} cc_lan v{self.version}>"
+
+
 @dataclass(slots=True)
 class PendingAssociation:
     session_key: SecretBytes
@@ -74,6 +93,9 @@ class PendingAssociation:
     reason: str
     offered: list[SecretBytes] = field(default_factory=list)  # earlier offers of this association
     frame: bytes = b""  # the AARQ as sent, retransmitted as is on a timeout
+    challenge: bytes = b""  # CtoS of ``frame``
+    #: ``frame`` empty: the attempt waits for the CC_LAN IC clock until then.
+    held_until: float = 0.0
 
     @property
     def version(self) -> int:
@@ -87,6 +109,7 @@ class PendingTransfer:
     version: int
     sent_at: float
     attempts: int = 1
+    setup: str = ""
 
 
 @dataclass(slots=True)
@@ -106,7 +129,22 @@ class MeterState:
     gaps: dict[int, float] = field(default_factory=dict)  # seq -> when to ask (again)
     auth_failures: int = 0
     last_aare: bytes = b""  # the AARE that completed the current session
-    reads: dict[int, tuple[str, str]] = field(default_factory=dict)  # request id -> (command id, reply topic)
+    #: request id -> (command id, reply topic, deadline)
+    reads: dict[int, tuple[str, str | None, float]] = field(default_factory=dict)
+    assoc_state: AssociationState = AssociationState.IDLE
+    transfer_state: TransferState = TransferState.IDLE
+    #: The last few AARQs sent (RAM only), newest last, and the one whose key
+    #: is the current session: a bound AARE for a newer one moves us there.
+    attempts: list[Attempt] = field(default_factory=list)
+    installed_attempt: int = 0
+    attempt_seq: int = 0
+    #: Earliest time an association that unauthenticated input asks for
+    #: (a frame no key verifies, a frame under no session) may start.
+    next_unverified_trigger: float = 0.0
+    cooldown_until: float = 0.0
+    #: Highest version ever given to each key type, expired ones included:
+    #: a version number is never reused (a late ack names a version).
+    version_high: dict[KeyType, int] = field(default_factory=dict)
     # The last retired session key and expired global key of each type, kept
     # (in memory only, bytes not ciphers) to tell a late or stolen-key frame
     # (``expired_key``) from a forgery (``auth_failed``).  Never used to accept.

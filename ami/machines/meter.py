@@ -50,11 +50,13 @@ from ami.protocol.association import (
     build_aare,
     decode_initiate_request,
     encode_initiate_response,
+    hls_gmac,
     parse_aarq,
 )
-from ami.protocol.counters import IC_LIMIT
+from ami.protocol.counters import DEFAULT_RENEW_AT, IC_LIMIT
 from ami.protocol.errors import (
     AuthenticationFailed,
+    CounterExhausted,
     MalformedFrame,
     MalformedMessage,
     ReplayedFrame,
@@ -68,7 +70,7 @@ from ami.protocol.frames import (
     MAX_APDU_SIZE,
     CipheredApdu,
 )
-from ami.protocol.keys import SecuritySetup, decode_key_transfer, key_type_for
+from ami.protocol.keys import SecuritySetup, decode_key_transfer, key_check_value, key_type_for
 from ami.protocol.messages import (
     Event,
     GapFillReply,
@@ -198,6 +200,8 @@ class MeterConfig:
     boot_retry_s: float = 5.0
     ak_grace_s: float = 60.0
     counter_block: int = 1024
+    #: Report a global key's counters past this value (counter_threshold event).
+    renew_at: int = DEFAULT_RENEW_AT
     ciphers: CipherCache = field(default_factory=CipherCache)
     #: Zero bytes in a ``pad`` field of each pushed reading (``ami meters --pad``:
     #: load tests with bigger frames); the head-end ignores the field.
@@ -270,6 +274,7 @@ class Meter:
         "last_pushed",
         "pending_events",
         "next_due",
+        "thresholds_reported",
     )
 
     def __init__(
@@ -315,6 +320,7 @@ class Meter:
         self.last_pushed = -1
         self.pending_events: list[Event] | None = None
         self.next_due = boot_at
+        self.thresholds_reported: set[KeyType] = set()
 
     def __repr__(self) -> str:
         state = "off" if not self.powered else ("associated" if self.session else "announcing")
@@ -406,8 +412,21 @@ class Meter:
             self._send_lan(loadcurve.reading(self.profile, k, wall_ns), out, pad=self.config.pad)
             self.last_pushed = k
             out.counters.append("readings_pushed")
+            self._check_thresholds(now, out)
+            if self.session is None:  # its counter ran out just now
+                return out
         self.next_due = (max(k, self.last_pushed) + 2) * interval + self.push_offset
         return out
+
+    # --- timer API (aioquic's get_timer / handle_timer) ------------------------------
+
+    def next_timer(self) -> float:
+        """When ``handle_timer`` has something to do (meter clock; inf: nothing)."""
+        return self.next_due
+
+    def handle_timer(self, now: float, wall_ns: int | None = None) -> Output:
+        """Do what is due at ``now``; the same as ``tick``."""
+        return self.tick(now, wall_ns)
 
     # --- LAN downlink -------------------------------------------------------------
 
@@ -526,28 +545,76 @@ class Meter:
             frames.append(build_aare(self.title, False, None))
             return
         session = Session(SecretBytes(request.dedicated_key), peer)
+        key_type, counter, slot = (
+            (KeyType.CC_LOCALE, self.locale_send, LOCALE_SEND) if local else (KeyType.CC_LAN, self.lan_send, LAN_SEND)
+        )
+        try:
+            # f(CtoS) first, with its own IC: it proves that this AARE answers
+            # this AARQ (association.py); then the initiate response.
+            auth_value = None
+            if aarq.challenge is not None:
+                auth_value = self._gmac_global(key_type, counter, slot, aarq.challenge, out)
+            initiate = self._seal_global(key_type, counter, slot, out)
+        except CounterExhausted as exc:
+            # Our send counter under this global key has run out: we can no
+            # longer answer under it (the head-end renews keys long before).
+            out.rejected.append(exc.reason)
+            out.counters.append("local_associations_rejected" if local else "associations_rejected")
+            frames.append(build_aare(self.title, False, None))
+            return
+        aare = build_aare(self.title, True, initiate, auth_value)
         if local:
-            initiate = self._seal_global(KeyType.CC_LOCALE, self.locale_send, LOCALE_SEND, out)
             self.local_session = session
             out.counters.append("local_associations")
         else:
-            initiate = self._seal_global(KeyType.CC_LAN, self.lan_send, LAN_SEND, out)
             self.session = session
             out.counters.append("associations")
-            self.last_association = (bytes(data), build_aare(self.title, True, initiate))
+            self.last_association = (bytes(data), aare)
             # Push the latest finished interval right away (if not pushed yet).
             self.next_due = now
-        frames.append(self.last_association[1] if not local else build_aare(self.title, True, initiate))
+        self._check_thresholds(now, out)
+        frames.append(aare)
 
     def _seal_global(self, key_type: KeyType, counter: SendCounter, slot: str, out: Output) -> bytes:
         ic = self._take(counter, slot, out)
         cipher = self.config.ciphers.get(self.keys.get(key_type), self.keys.ak)
         return seal_apdu(cipher, GLO_INITIATE_RESPONSE, self.title, ic, encode_initiate_response(InitiateResponse()))
 
+    def _gmac_global(self, key_type: KeyType, counter: SendCounter, slot: str, challenge: bytes, out: Output) -> bytes:
+        ic = self._take(counter, slot, out)
+        cipher = self.config.ciphers.get(self.keys.get(key_type), self.keys.ak)
+        return hls_gmac(cipher, self.title, ic, challenge)
+
+    def _check_thresholds(self, now: float, out: Output) -> None:
+        """Counter-based renewal of the global keys: the head-end sees our
+        counters under CC_LAN, but not those under CC_LOCALE (the handheld
+        uses them), so we tell it, once per key, when one nears its end."""
+        if self.session is None:
+            return
+        for key_type, counters in (
+            (KeyType.CC_LAN, (self.lan_send, self.lan_recv)),
+            (KeyType.CC_LOCALE, (self.locale_send, self.locale_recv)),
+        ):
+            send, recv = counters
+            if key_type in self.thresholds_reported:
+                continue
+            if send.next_value >= self.config.renew_at or recv.lowest_acceptable >= self.config.renew_at:
+                self.thresholds_reported.add(key_type)
+                self._send_lan(Event("counter_threshold", int(now), key_type.value), out)
+                out.counters.append("counter_thresholds")
+
     def _announce(self, now: float, out: Output) -> None:
         """Event(boot) under CC_LAN (general-glo-ciphering), repeated until associated."""
         event = Event("boot", int(now), self.boot_detail)
-        ic = self._take(self.lan_send, LAN_SEND, out)
+        self.next_announce = now + self.config.boot_retry_s
+        self.next_due = self.next_announce
+        try:
+            ic = self._take(self.lan_send, LAN_SEND, out)
+        except CounterExhausted:
+            # No value left under this CC_LAN: stay silent rather than reuse
+            # an IV; only a key change (handheld, new CC_LAN) can help now.
+            out.counters.append("counter_exhausted")
+            return
         cipher = self.config.ciphers.get(self.keys.cc_lan, self.keys.ak)
         out.uplink.append(seal_apdu(cipher, GENERAL_GLO_CIPHERING, self.title, ic, encode_message(event)))
         out.counters.append("boot_events")
@@ -566,12 +633,14 @@ class Meter:
                 raise MalformedMessage("unknown security setup") from None
             items = decode_key_transfer(self.keys.ccc, msg.param)
             targets = [(key_type_for(setup, key_id), key) for key_id, key in items]
-            if len({key_type for key_type, _ in targets}) != len(targets):
-                raise MalformedMessage("the same key twice in one transfer")
+            if len(targets) != 1:
+                # The ack names one (key type, version, check value): one key
+                # per transfer, so that it confirms exactly what was installed.
+                raise MalformedMessage("one key per transfer")
         except ProtocolError as exc:
             out.rejected.append(exc.reason)
             out.counters.append("key_transfers_refused")
-            self._send_lan(KeyTransferAck(msg.request_id, False, exc.reason), out)
+            self._send_lan(KeyTransferAck(msg.request_id, False, exc.reason, version=msg.version), out)
             return
         new_ak: SecretBytes | None = None
         for key_type, key in targets:
@@ -589,11 +658,20 @@ class Meter:
             fresh_recv = ReceiveCounter(0)
             if key_type == KeyType.CC_LAN:
                 self.lan_send, self.lan_recv = fresh_send, fresh_recv
+                # The AARE kept for a repeated AARQ is under the old key: a
+                # repeat of that AARQ now gets a fresh (refused) answer.
+                self.last_association = None
             else:
                 self.locale_send, self.locale_recv = fresh_send, fresh_recv
             out.persist.append(CounterMark(send_slot, 0))
             out.persist.append(CounterMark(recv_slot, 0))
-        self._send_lan(KeyTransferAck(msg.request_id, True), out)  # still under the old AK
+            self.thresholds_reported.discard(key_type)
+        key_type, key = targets[0]
+        ack = KeyTransferAck(
+            msg.request_id, True, key_type=key_type.value, version=msg.version,
+            check=key_check_value(key_type, msg.version, key),
+        )
+        self._send_lan(ack, out)  # still under the old AK
         if new_ak is not None:
             self.prev_ak, self.prev_ak_until = self.keys.ak, now + self.config.ak_grace_s
             self.keys.ak = new_ak
@@ -623,7 +701,15 @@ class Meter:
 
     def _send_lan(self, msg: Message, out: Output, pad: int = 0) -> None:
         assert self.session is not None
-        out.uplink.append(self._seal_session(self.session, msg, pad))
+        try:
+            out.uplink.append(self._seal_session(self.session, msg, pad))
+        except CounterExhausted:
+            # 2^32 frames under one session key: the head-end renews long
+            # before; if it did not, forget the session and ask for a new one.
+            out.counters.append("counter_exhausted")
+            self.session = None
+            self.last_association = None
+            self.next_announce = self.next_due = 0.0
 
     def _seal_session(self, session: Session, msg: Message, pad: int = 0) -> bytes:
         cipher = self.config.ciphers.get(session.key, self.keys.ak)

@@ -11,25 +11,51 @@ they travel inside an ACSE AARQ/AARE that names the calling/responding
 AP-title.  We encode the minimal BER subset we need::
 
     AARQ  60 L | A1 09 06 07 <LN with ciphering> | A6 0A 04 08 <calling title>
+               | [8A 02 07 80 | 8B 07 <HLS-GMAC> | AC L 80 L <CtoS challenge>]
                | BE L 04 L <glo-initiateRequest>
     AARE  61 L | A1 09 06 07 <LN with ciphering> | A2 03 02 01 <result>
-               | A4 0A 04 08 <responding title> | [BE L 04 L <glo-initiateResponse>]
+               | A4 0A 04 08 <responding title> | [AA L 80 L <f(CtoS)>]
+               | [BE L 04 L <glo-initiateResponse>]
 
 Unknown elements are skipped; every length is bounds-checked.
+
+**Binding the answer to the question.**  A glo-initiateResponse says nothing
+about which AARQ it answers, so an AARE held back by a relay from an earlier
+attempt used to verify as an answer to today's (issue 9: the head-end then
+"learnt" that the meter kept its old CC_LAN and withdrew the new one the
+meter had installed).  As DLMS HLS with GMAC (mechanism 5) does, the AARQ
+carries a fresh challenge CtoS and the AARE carries
+
+    f(CtoS) = SC (0x10) || IC (4) || GMAC_{CC_LAN, AK}(SC || AK || CtoS)
+
+under the responder's title and its own IC (``hls_gmac``).  Only the party
+that holds the global key *and* saw this very challenge can compute it: an
+AARE whose f(CtoS) does not verify answers some other AARQ, whatever else
+in it verifies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import hmac
+from typing import TYPE_CHECKING
+
 from ._ber import decode_length, encode_length
-from .errors import MalformedFrame, MalformedMessage
-from .frames import MAX_APDU_SIZE, SYSTEM_TITLE_LEN
+from .errors import AuthenticationFailed, MalformedFrame, MalformedMessage
+from .frames import MAX_APDU_SIZE, SYSTEM_TITLE_LEN, iv_for
+from .security_control import SC_AUTH, TAG_LEN
+
+if TYPE_CHECKING:  # the relay parses AARQ/AARE without any cipher
+    from .cipher import Suite0Cipher
 
 __all__ = [
     "AARE_TAG",
     "AARQ_TAG",
     "APP_CONTEXT_LN_CIPHERED",
+    "CHALLENGE_LEN",
+    "HLS_GMAC_LEN",
+    "MECHANISM_HLS_GMAC",
     "Aare",
     "Aarq",
     "DEFAULT_CONFORMANCE",
@@ -44,8 +70,10 @@ __all__ = [
     "decode_initiate_response",
     "encode_initiate_request",
     "encode_initiate_response",
+    "hls_gmac",
     "parse_aare",
     "parse_aarq",
+    "verify_hls_gmac",
 ]
 
 #: Logical-name referencing with ciphering (application context id 3).
@@ -57,6 +85,13 @@ DEFAULT_CONFORMANCE = 0x007E1F
 DEFAULT_MAX_PDU = 0x04B0
 VAA_NAME_LN = 0x0007
 _CONFORMANCE_TAG = bytes.fromhex("5F1F0400")
+#: Mechanism name high-level security 5 (GMAC), {2 16 756 5 8 2 5}.
+MECHANISM_HLS_GMAC = bytes.fromhex("60857405080205")
+#: Our challenges: 16 random bytes (DLMS allows 8 to 64).
+CHALLENGE_LEN = 16
+_MIN_CHALLENGE, _MAX_CHALLENGE = 8, 64
+#: f(CtoS) = SC || IC || 12-byte GMAC tag.
+HLS_GMAC_LEN = 1 + 4 + TAG_LEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,23 +203,56 @@ def _title(tag: int, title: bytes) -> bytes:
     return _tlv(tag, _tlv(0x04, title))
 
 
-def build_aarq(calling_title: bytes, initiate_apdu: bytes) -> bytes:
-    body = _context() + _title(0xA6, calling_title) + _tlv(0xBE, _tlv(0x04, initiate_apdu))
+def build_aarq(calling_title: bytes, initiate_apdu: bytes, challenge: bytes | None = None) -> bytes:
+    """An AARQ; with ``challenge`` it asks for HLS-GMAC (the AARE must carry f(challenge))."""
+    body = _context() + _title(0xA6, calling_title)
+    if challenge is not None:
+        if not _MIN_CHALLENGE <= len(challenge) <= _MAX_CHALLENGE:
+            raise ValueError("a challenge is 8 to 64 bytes")
+        body += _tlv(0x8A, b"\x07\x80") + _tlv(0x8B, MECHANISM_HLS_GMAC) + _tlv(0xAC, _tlv(0x80, challenge))
+    body += _tlv(0xBE, _tlv(0x04, initiate_apdu))
     return _tlv(AARQ_TAG, body)
 
 
-def build_aare(responding_title: bytes, accepted: bool, initiate_apdu: bytes | None) -> bytes:
+def build_aare(
+    responding_title: bytes, accepted: bool, initiate_apdu: bytes | None, auth_value: bytes | None = None
+) -> bytes:
     body = _context() + _tlv(0xA2, _tlv(0x02, bytes((0 if accepted else 1,))))
     body += _title(0xA4, responding_title)
+    if auth_value is not None:
+        body += _tlv(0xAA, _tlv(0x80, auth_value))
     if initiate_apdu is not None:
         body += _tlv(0xBE, _tlv(0x04, initiate_apdu))
     return _tlv(AARE_TAG, body)
+
+
+def hls_gmac(cipher: Suite0Cipher, title: bytes, invocation_counter: int, challenge: bytes) -> bytes:
+    """f(challenge) = SC || IC || GMAC(SC || AK || challenge), IV = title || IC.
+
+    ``invocation_counter`` must be a fresh value of the sender's counter under
+    this key, like any other frame's: GMAC and GCM share the IV space.
+    """
+    iv = iv_for(title, invocation_counter)
+    tag = cipher.seal(SC_AUTH, iv, challenge)[-TAG_LEN:]
+    return bytes((SC_AUTH,)) + invocation_counter.to_bytes(4, "big") + tag
+
+
+def verify_hls_gmac(cipher: Suite0Cipher, title: bytes, value: bytes, challenge: bytes) -> int:
+    """Check f(challenge) from ``title``; return its IC, or raise AuthenticationFailed."""
+    if len(value) != HLS_GMAC_LEN or value[0] != SC_AUTH:
+        raise MalformedFrame("responding authentication value is not SC || IC || GMAC")
+    ic = int.from_bytes(value[1:5], "big")
+    expected = hls_gmac(cipher, title, ic, challenge)
+    if not hmac.compare_digest(expected, value):
+        raise AuthenticationFailed("f(CtoS) does not answer this challenge")
+    return ic
 
 
 @dataclass(frozen=True, slots=True)
 class Aarq:
     calling_title: bytes
     initiate_apdu: bytes
+    challenge: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +260,7 @@ class Aare:
     responding_title: bytes
     accepted: bool
     initiate_apdu: bytes | None
+    auth_value: bytes | None = None
 
 
 def _elements(data: bytes, outer_tag: int) -> dict[int, bytes]:
@@ -242,7 +311,14 @@ def parse_aarq(data: bytes) -> Aarq:
     _check_context(el)
     if 0xA6 not in el or 0xBE not in el:
         raise MalformedFrame("AARQ lacks calling AP-title or user information")
-    return Aarq(_parse_title(el[0xA6]), _inner(el[0xBE], 0x04))
+    challenge = None
+    if 0xAC in el:
+        if el.get(0x8B) != MECHANISM_HLS_GMAC:
+            raise MalformedFrame("a challenge needs the HLS-GMAC mechanism name")
+        challenge = _inner(el[0xAC], 0x80)
+        if not _MIN_CHALLENGE <= len(challenge) <= _MAX_CHALLENGE:
+            raise MalformedFrame("challenge length outside 8..64")
+    return Aarq(_parse_title(el[0xA6]), _inner(el[0xBE], 0x04), challenge)
 
 
 def parse_aare(data: bytes) -> Aare:
@@ -254,4 +330,7 @@ def parse_aare(data: bytes) -> Aare:
     if len(result) != 1:
         raise MalformedFrame("bad AARE result")
     apdu = _inner(el[0xBE], 0x04) if 0xBE in el else None
-    return Aare(_parse_title(el[0xA4]), result[0] == 0, apdu)
+    auth_value = _inner(el[0xAA], 0x80) if 0xAA in el else None
+    if auth_value is not None and len(auth_value) != HLS_GMAC_LEN:
+        raise MalformedFrame("responding authentication value is not SC || IC || GMAC")
+    return Aare(_parse_title(el[0xA4]), result[0] == 0, apdu, auth_value)

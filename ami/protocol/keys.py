@@ -23,6 +23,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import hashlib
+
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from .errors import AuthenticationFailed, KeyLifecycleError, MalformedMessage
@@ -40,6 +42,7 @@ __all__ = [
     "WRAPPED_LEN",
     "decode_key_transfer",
     "encode_key_transfer",
+    "key_check_value",
     "key_type_for",
     "unwrap_key",
     "wrap_key",
@@ -103,6 +106,15 @@ def key_type_for(setup: SecuritySetup, key_id: KeyId) -> KeyType:
         if target == (setup, key_id):
             return key_type
     raise MalformedMessage(f"key_id {int(key_id)} of setup {setup} is not reprogrammable here")
+
+
+def key_check_value(key_type: "KeyType", version: int, key: bytes) -> bytes:
+    """8 bytes that name one installed key: SHA-256 over a domain label, the
+    key type, its version and the key.  The meter returns it in its ack, the
+    head-end compares it with its own copy; a one-way hash of a random
+    128-bit key tells nothing about the key (and travels ciphered anyway)."""
+    label = f"ami-kcv|{key_type.value}|{version}|".encode()
+    return hashlib.sha256(label + bytes(key)).digest()[:8]
 
 
 def wrap_key(kek: bytes, key: bytes) -> bytes:

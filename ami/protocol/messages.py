@@ -151,13 +151,23 @@ class KeyTransfer:
     request_id: int
     setup: str  # "lan" or "local": which security setup object
     param: bytes = field(repr=False)  # DLMS key_transfer parameter (wrapped keys)
+    #: The head-end's version number of the key carried (echoed in the ack).
+    version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class KeyTransferAck:
+    """The meter's answer to a KeyTransfer.  An ack confirms only what it
+    names: the key type and version installed and a check value of the key
+    itself (``keys.key_check_value``), never just a request id, which a relay
+    could hold back until it names another transfer."""
+
     request_id: int
     ok: bool
     reason: str = ""
+    key_type: str = ""  # KeyType value ("cc_lan", "ak", ...)
+    version: int = 0
+    check: bytes = b""  # key_check_value of the installed key (empty if refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,9 +221,10 @@ def encode_message(msg: Message, *, pad: int = 0) -> bytes:
             "x": list(msg.unavailable),
         }
     elif isinstance(msg, KeyTransfer):
-        m = {"t": "kt", "id": msg.request_id, "s": msg.setup, "k": bytes(msg.param)}
+        m = {"t": "kt", "id": msg.request_id, "s": msg.setup, "k": bytes(msg.param), "ver": msg.version}
     elif isinstance(msg, KeyTransferAck):
-        m = {"t": "ka", "id": msg.request_id, "ok": msg.ok, "why": msg.reason}
+        m = {"t": "ka", "id": msg.request_id, "ok": msg.ok, "why": msg.reason, "kt": msg.key_type,
+             "ver": msg.version, "kcv": bytes(msg.check)}
     elif isinstance(msg, Release):
         m = {"t": "rl", "why": msg.reason}
     else:
@@ -295,12 +306,17 @@ def decode_message(data: bytes) -> Message:
         param = m.get("k")
         if not isinstance(param, bytes):
             raise MalformedMessage("key_transfer parameter must be bytes")
-        return KeyTransfer(_int(m, "id"), setup, param)
+        return KeyTransfer(_int(m, "id"), setup, param, _int(m, "ver"))
     if t == "ka":
         ok = m.get("ok")
         if not isinstance(ok, bool):
             raise MalformedMessage("field 'ok' must be a boolean")
-        return KeyTransferAck(_int(m, "id"), ok, _str(m, "why", default=""))
+        check = m.get("kcv", b"")
+        if not isinstance(check, bytes) or len(check) > 32:
+            raise MalformedMessage("field 'kcv' must be a short byte string")
+        return KeyTransferAck(
+            _int(m, "id"), ok, _str(m, "why", default=""), _str(m, "kt", default="", limit=16), _int(m, "ver"), check
+        )
     if t == "rl":
         return Release(_str(m, "why", default=""))
     raise MalformedMessage(f"unknown message type {t!r}"[:80])

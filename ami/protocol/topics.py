@@ -18,6 +18,7 @@ __all__ = [
     "WAN_DOWN_FILTER",
     "WAN_UP_FILTER",
     "control_reply",
+    "is_control_reply",
     "local_in",
     "local_in_filter",
     "local_out",
@@ -86,6 +87,16 @@ CONTROL_REPLIES_FILTER = f"{ROOT}/control/replies/#"
 
 def control_reply(request_id: str) -> str:
     return f"{ROOT}/control/replies/{_id(request_id)}"
+
+
+_REPLIES = f"{ROOT}/control/replies/"
+
+
+def is_control_reply(topic: str) -> bool:
+    """Is ``topic`` one ``control_reply`` can name?  The head-end publishes a
+    command's reply only there: a command could otherwise make it publish on
+    any topic it may write (a concentrator's downlink, its own input)."""
+    return topic.startswith(_REPLIES) and _ID.fullmatch(topic[len(_REPLIES):]) is not None
 
 
 def monitor_status(component: str, ident: str) -> str:

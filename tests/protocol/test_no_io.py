@@ -26,7 +26,7 @@ FORBIDDEN_IN_SOURCE = FORBIDDEN_MODULES | {
     "ssl", "http", "urllib", "shutil", "tempfile", "datetime", "uuid", "importlib",
 }
 ALLOWED_IMPORTS = {
-    "__future__", "dataclasses", "enum", "hmac", "re", "struct", "typing", "cryptography", "msgpack",
+    "__future__", "dataclasses", "enum", "hashlib", "hmac", "re", "struct", "typing", "cryptography", "msgpack",
 }
 # The state machines may also use these pure modules, and the core (ami.protocol)
 # and each other (ami.machines), nothing else of ours.
