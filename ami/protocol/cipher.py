@@ -48,32 +48,37 @@ class Suite0Cipher:
 
     Build one per key and keep it: constructing ``AESGCM`` costs far more than
     using it.  The object never exposes its keys, and its repr says nothing.
+    Suite 1 (``suite1.Suite1Cipher``) is this class with another suite
+    nibble in the SC byte: same GCM, same AAD layout.
     """
 
-    __slots__ = ("_gcm", "_ak", "_head_auth_enc", "_head_auth")
+    SUITE = 0
+    __slots__ = ("_gcm", "_ak", "_head_auth_enc", "_head_auth", "_sc_auth_enc", "_sc_auth")
 
     def __init__(self, encryption_key: bytes, authentication_key: bytes) -> None:
         if len(encryption_key) != KEY_LEN or len(authentication_key) != KEY_LEN:
-            raise ValueError("suite 0 keys are 16 bytes")
+            raise ValueError(f"suite {self.SUITE} keys are 16 bytes")
         self._gcm = AESGCM(bytes(encryption_key))
         self._ak = bytes(authentication_key)
-        # The AAD head (SC || AK) of the two SCs we accept, built once per key.
-        self._head_auth_enc = bytes((SC_AUTH_ENC,)) + self._ak
-        self._head_auth = bytes((SC_AUTH,)) + self._ak
+        # The SCs we accept and their AAD heads (SC || AK), built once per key.
+        self._sc_auth_enc = SC_AUTH_ENC | self.SUITE
+        self._sc_auth = SC_AUTH | self.SUITE
+        self._head_auth_enc = bytes((self._sc_auth_enc,)) + self._ak
+        self._head_auth = bytes((self._sc_auth,)) + self._ak
 
     def __repr__(self) -> str:
-        return "<Suite0Cipher>"
+        return f"<{type(self).__name__}>"
 
     def _head(self, sc: int) -> bytes:
-        if sc == SC_AUTH_ENC:
+        if sc == self._sc_auth_enc:
             return self._head_auth_enc
-        if sc == SC_AUTH:
+        if sc == self._sc_auth:
             return self._head_auth
         return bytes((sc,)) + self._ak
 
     def seal(self, sc: int, iv: bytes, plaintext: bytes) -> bytes:
         """Return what follows ``SC || IC`` in the APDU for this SC."""
-        bits = check_security_control(sc)
+        bits = check_security_control(sc, suite=self.SUITE)
         head = self._head(sc)
         if bits == SC_AUTH_ENC:
             out = self._gcm.encrypt(iv, plaintext, head)
@@ -84,12 +89,12 @@ class Suite0Cipher:
 
     def open(self, sc: int, iv: bytes, body: bytes, *, allow_unauthenticated: bool = False) -> bytes:
         """Verify and return the plaintext of an APDU body, or raise."""
-        if sc == SC_AUTH_ENC:
-            # Fast path for the one SC our traffic uses; 0x30 passes every
+        if sc == self._sc_auth_enc:
+            # Fast path for the one SC our traffic uses; it passes every
             # check of check_security_control, anything else goes through it.
             bits = SC_AUTH_ENC
         else:
-            bits = check_security_control(sc, allow_unauthenticated=allow_unauthenticated)
+            bits = check_security_control(sc, allow_unauthenticated=allow_unauthenticated, suite=self.SUITE)
             if bits == SC_ENC:
                 # Only reachable with allow_unauthenticated (vectors, diagnostics).
                 return self._gcm.encrypt(iv, body, b"")[:-16]

@@ -138,8 +138,9 @@ def encode_apdu(
     return out
 
 
-def parse_apdu(data: bytes, *, allow_unauthenticated: bool = False) -> CipheredApdu:
-    """Split a ciphered APDU into its fields, refusing anything malformed."""
+def parse_apdu(data: bytes, *, allow_unauthenticated: bool = False, suite: int = 0) -> CipheredApdu:
+    """Split a ciphered APDU of security suite ``suite`` into its fields,
+    refusing anything malformed (a frame of another suite included)."""
     n = len(data)
     if n > MAX_APDU_SIZE:
         raise FrameTooLarge(f"APDU of {n} bytes exceeds {MAX_APDU_SIZE}")
@@ -172,10 +173,10 @@ def parse_apdu(data: bytes, *, allow_unauthenticated: bool = False) -> CipheredA
     if length < 5:
         raise MalformedFrame("no room for SC and invocation counter")
     sc = data[pos]
-    if sc == SC_AUTH_ENC:  # passes every check of check_security_control
+    if sc == SC_AUTH_ENC and not suite:  # passes every check of check_security_control
         bits = SC_AUTH_ENC
     else:
-        bits = check_security_control(sc, allow_unauthenticated=allow_unauthenticated)
+        bits = check_security_control(sc, allow_unauthenticated=allow_unauthenticated, suite=suite)
     if bits & 0x10 and length < 5 + TAG_LEN:
         raise MalformedFrame("no room for the authentication tag")
     return _make_apdu(tag, system_title, sc, _read_u32(data, pos + 1)[0], data[pos + 5 :])

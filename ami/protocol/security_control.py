@@ -31,10 +31,13 @@ _KEY_SET = 0x40
 _COMPRESSION = 0x80
 
 
-def check_security_control(sc: int, *, allow_unauthenticated: bool = False) -> int:
-    """Validate an SC byte and return its security bits (0x10, 0x20 or 0x30)."""
-    if sc & _SUITE_MASK:
-        raise UnsupportedSecurity(f"security suite {sc & _SUITE_MASK} is not suite 0")
+def check_security_control(sc: int, *, allow_unauthenticated: bool = False, suite: int = 0) -> int:
+    """Validate an SC byte of security suite ``suite`` (its low nibble) and
+    return its security bits (0x10, 0x20 or 0x30)."""
+    if not 0 <= sc <= 0xFF:
+        raise UnsupportedSecurity("security control is one byte")
+    if sc & _SUITE_MASK != suite:
+        raise UnsupportedSecurity(f"security suite {sc & _SUITE_MASK} is not suite {suite}")
     if sc & _COMPRESSION:
         raise UnsupportedSecurity("compressed APDUs are not supported")
     if sc & _KEY_SET:
