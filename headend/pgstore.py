@@ -170,6 +170,13 @@ _UPSERT_SESSION = numbered(store_sql.UPSERT_SESSION)
 _UPDATE_SESSION = numbered(store_sql.UPDATE_SESSION)
 _UPDATE_METER = numbered(store_sql.UPDATE_METER)
 _INSERT_METER = numbered(store_sql.INSERT_METER)
+_SET_METER_SUITE = numbered(store_sql.SET_METER_SUITE)
+# Suite 1: the meter's association suite and public signing key (added to a
+# store from before suite 1 as well).
+_SUITE_COLUMNS = """
+ALTER TABLE meters ADD COLUMN IF NOT EXISTS suite SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE meters ADD COLUMN IF NOT EXISTS sign_public BYTEA;
+"""
 _INSERT_FACTORY_KEY = numbered(store_sql.INSERT_FACTORY_KEY)
 _ACTIVE_VERSION = numbered(store_sql.ACTIVE_VERSION)
 _ACTIVE_KEY = numbered(store_sql.ACTIVE_KEY)
@@ -266,7 +273,7 @@ class PostgresStore:
         )
         try:
             async with pool.acquire() as conn:
-                await self._create_schema(conn, SCHEMA + _WIDEN_WRAPPED_CHECKS)
+                await self._create_schema(conn, SCHEMA + _WIDEN_WRAPPED_CHECKS + _SUITE_COLUMNS)
             if writer:
                 await self._take_lease(pool, settings)
         except BaseException:
@@ -378,6 +385,7 @@ class PostgresStore:
                 [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
             )
             await conn.executemany(_INSERT_FACTORY_KEY, key_rows)
+            await conn.executemany(_SET_METER_SUITE, store_sql.suite_rows(fresh))
             return len(fresh)
 
     def _wrap_factory(self, fresh: list[dict[str, str]], now: float) -> list[tuple]:
@@ -400,6 +408,16 @@ class PostgresStore:
             raw_keys = await conn.fetch(store_sql.SELECT_LIVE_KEYS)
             raw_sessions = await conn.fetch(store_sql.SELECT_SESSIONS)
             raw_versions = await conn.fetch(store_sql.SELECT_MAX_VERSIONS)
+            raw_suites = await conn.fetch(store_sql.SELECT_METER_SUITES)
+        snapshot = await self._snapshot(meter_rows, raw_keys, raw_sessions, raw_versions)
+        suites = {m: (suite, bytes(public)) for m, suite, public in raw_suites}
+        for row in snapshot.meters:
+            if row.meter in suites:
+                row.suite, row.sign_public = suites[row.meter]
+        return snapshot
+
+    async def _snapshot(self, meter_rows: list, raw_keys: list, raw_sessions: list, raw_versions: list) -> Snapshot:
+        """Rows (SELECT_METERS, SELECT_LIVE_KEYS, SELECT_SESSIONS, SELECT_MAX_VERSIONS) -> Snapshot, keys unwrapped."""
         meters = [
             MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
             for m, t, c, h, g in meter_rows

@@ -41,6 +41,7 @@ from ami.runtime.link import run_link
 from ami.runtime.logs import get_logger
 from ami.runtime.metrics import Metrics, event_payload, publish_status
 from ami.runtime.network import iter_factory_keys, load_network
+from ami.security.signing import load_headend_signer
 from ami.security.vault import open_vault
 from headend.store_api import Fenced, StoreError, open_store
 
@@ -111,8 +112,10 @@ class HeadEndService:
         await self.store.open(writer=True)  # StoreLocked if another head-end runs on it
         imported = await self.store.import_factory(iter_factory_keys(self.data_dir), time.time())
         snapshot = await self.store.load()
+        vault_spec = self.hcfg.get("vault", "file:headend.kek")
+        signer = load_headend_signer(vault_spec, self.data_dir)  # suite 1 only
         self.engine = HeadEndEngine(
-            network.headend_title, Policy.from_config(self.hcfg), lambda: secrets.token_bytes(16)
+            network.headend_title, Policy.from_config(self.hcfg), lambda: secrets.token_bytes(16), signer
         )
         self.engine.load(snapshot, time.time())
         self.metrics.gauges["cold_start_s"] = round(time.perf_counter() - t0, 3)

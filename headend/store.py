@@ -75,7 +75,9 @@ CREATE TABLE IF NOT EXISTS meters (
     system_title BLOB NOT NULL UNIQUE,
     concentrator TEXT NOT NULL,
     high_seq INTEGER,
-    gaps BLOB
+    gaps BLOB,
+    suite INTEGER NOT NULL DEFAULT 0,
+    sign_public BLOB
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     meter TEXT NOT NULL,
@@ -188,6 +190,10 @@ class SqliteStore:
                 # before any frame under it is published.
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(SCHEMA)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(meters)")}
+                for ddl in store_sql.METER_SUITE_COLUMNS:
+                    if ddl.split()[0] not in columns:  # a store from before suite 1
+                        db.execute(f"ALTER TABLE meters ADD COLUMN {ddl}")
                 if writer:
                     self._take_lease(db)
             except BaseException:
@@ -311,6 +317,7 @@ class SqliteStore:
                 [(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"]) for r in fresh],
             )
             db.executemany(store_sql.INSERT_FACTORY_KEY, key_rows)
+            db.executemany(store_sql.SET_METER_SUITE, store_sql.suite_rows(fresh))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -324,8 +331,9 @@ class SqliteStore:
 
     def _load(self) -> Snapshot:
         db = self._db
+        suites = {m: (s, bytes(p) if p is not None else None) for m, s, p in db.execute(store_sql.SELECT_METER_SUITES)}
         meters = [
-            MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [])
+            MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [], *suites.get(m, (0, None)))
             for m, t, c, h, g in db.execute(store_sql.SELECT_METERS)
         ]
         raw_keys = list(db.execute(store_sql.SELECT_LIVE_KEYS))
@@ -430,6 +438,7 @@ class StoredMeter:
     system_title: bytes
     concentrator: str
     high_seq: int | None  # highest reading seq stored, None before the first
+    suite: int = 0  # DLMS security suite of its LAN association
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,10 +535,12 @@ def read_store_file(path: Path | str, *, samples: int = 3) -> StoreContents:
     path = Path(path)
     raw = b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
     with closing(sqlite3.connect(path)) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(meters)")}
+        suite = "suite" if "suite" in columns else "0"  # a store from before suite 1
         meters = tuple(
-            StoredMeter(m, bytes(t), c, h)
-            for m, t, c, h in db.execute(
-                "SELECT meter, system_title, concentrator, high_seq FROM meters ORDER BY meter"
+            StoredMeter(m, bytes(t), c, h, s)
+            for m, t, c, h, s in db.execute(
+                f"SELECT meter, system_title, concentrator, high_seq, {suite} FROM meters ORDER BY meter"
             )
         )
         keys = tuple(

@@ -64,6 +64,10 @@ __all__ = [
     "SELECT_LIVE_KEYS",
     "SELECT_MAX_VERSIONS",
     "SELECT_METERS",
+    "SELECT_METER_SUITES",
+    "SET_METER_SUITE",
+    "METER_SUITE_COLUMNS",
+    "suite_rows",
     "SELECT_SESSIONS",
     "UPDATE_KEY",
     "UPDATE_METER",
@@ -159,6 +163,18 @@ UPDATE_SESSION = (
     "UPDATE sessions SET tx_mark = ?, rx_lowest = ?, frames = ? WHERE meter = ? AND pending = FALSE AND serial = ?"
 )
 UPDATE_METER = "UPDATE meters SET high_seq = ?, gaps = ? WHERE meter = ?"
+
+# Suite 1 (the meter's LAN association suite, and its public signing key).
+#: Columns added to ``meters`` (ALTER TABLE on a store from before suite 1).
+METER_SUITE_COLUMNS = ("suite INTEGER NOT NULL DEFAULT 0", "sign_public BLOB")
+SET_METER_SUITE = "UPDATE meters SET suite = ?, sign_public = ? WHERE meter = ?"
+SELECT_METER_SUITES = "SELECT meter, suite, sign_public FROM meters WHERE suite != 0"
+
+
+def suite_rows(records: list[dict]) -> list[tuple[int, bytes, str]]:
+    """SET_METER_SUITE rows of the suite-1 meters among factory ``records``
+    (their public signing key; the private half never reaches the head-end)."""
+    return [(int(r["suite"]), bytes.fromhex(r["sign_public"]), r["meter"]) for r in records if r.get("suite")]
 
 # -- queries ------------------------------------------------------------------------
 

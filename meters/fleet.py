@@ -24,6 +24,7 @@ import contextlib
 import gc
 import heapq
 import math
+import os
 import random
 import time
 from collections import deque
@@ -41,7 +42,8 @@ from ami.runtime.bus import make_client
 from ami.runtime.link import run_link
 from ami.runtime.logs import get_logger
 from ami.runtime.metrics import Metrics, run_monitor
-from ami.runtime.network import Network, iter_factory_keys, load_network
+from ami.protocol.suite1 import SoftwareSigner
+from ami.runtime.network import Network, iter_factory_keys, load_meter_sign_keys, load_network
 from ami.runtime.sharding import select
 from meters.nvm import Nvm, Record
 
@@ -244,7 +246,10 @@ class Fleet:
                     keys.set(key_type, key)
             title = network.titles[mid]
             if s.rate:
+            headend_sign_public=network.headend_sign_public,
+            rng=os.urandom,  # suite 1: the meters' ephemeral keys
                 u = order[mid] / n  # evenly spaced: a constant aggregate rate
+        sign_keys = load_meter_sign_keys(s.data_dir)
                 offset = u * s.interval_s
             else:
                 u = unit(mix64(seed_for(title) ^ 0x0FF5E7))
@@ -271,6 +276,8 @@ class Fleet:
             client = make_client(s.broker, user=f"plc-{c}", data_dir=s.data_dir, max_inflight=window)
             # aiomqtt logs a warning per publish beyond this many pending calls
             # (and counts them with an O(pending) scan): we bound them ourselves.
+                suite=int(record.get("suite", 0)),
+                signer=SoftwareSigner.from_scalar(sign_keys[mid]) if record.get("suite") else None,
             client.pending_calls_threshold = window + 16
             self.links[c] = Link(c, client, window)
         # 100,000 meters are millions of long-lived objects: keep the cyclic

@@ -78,7 +78,7 @@ class Collector:
 
 class Network:
     def __init__(self, tmp: Path, *, meters: int, concentrators: int, broker: str | None = None,
-                 env: dict[str, str] | None = None, bus_security: bool = True) -> None:
+                 env: dict[str, str] | None = None, bus_security: bool = True, suite: str = "0") -> None:
         self.tmp = Path(tmp)
         self.data = self.tmp / "data"
         self.meters = meters
@@ -86,6 +86,7 @@ class Network:
         self.external_broker = broker
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.bus_security = bus_security
+        self.suite = suite
         self.procs: dict[str, subprocess.Popen] = {}
         # Monitor ids unique to this run: a shared broker may hold retained
         # status/metrics of other networks under the default ids.
@@ -98,7 +99,7 @@ class Network:
 
     def provision(self) -> None:
         args = ["provision", "--meters", str(self.meters), "--concentrators", str(self.concentrators),
-                "--out", str(self.data)]
+                "--out", str(self.data), "--suite", self.suite]
         if not self.bus_security:
             args.append("--no-bus-security")
         subprocess.run(AMI + args, check=True, cwd=REPO, env=self.env, capture_output=True)

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ami.protocol import suite1
 from ami.protocol import (
     KeyType,
     ProtocolError,
@@ -69,7 +70,7 @@ from ami.protocol import (
     open_apdu,
     parse_apdu,
 )
-from ami.protocol.association import decode_initiate_request, parse_aare, parse_aarq
+from ami.protocol.association import MECHANISM_HLS_ECDSA, decode_initiate_request, parse_aare, parse_aarq
 from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
@@ -105,19 +106,30 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(b"sim-ledger|" + bytes(key)).hexdigest()[:16]
 
 
-def make_records(n_meters: int, n_concentrators: int) -> list[dict[str, str]]:
-    """Factory records as ``ami provision`` writes them (hex), fresh random keys."""
+def suite_of(suites: str, i: int) -> int:
+    """"0", "1", or "mixed" (every other meter in suite 1)."""
+    return {"0": 0, "1": 1}.get(suites, i % 2)
+
+
+def make_records(n_meters: int, n_concentrators: int, suites: str = "0") -> list[dict[str, str]]:
+    """Factory records as ``ami provision`` writes them (hex), fresh random keys.
+    Suite-1 meters also get a signing key pair (its private half is the
+    meter's alone: ``sign_private``, which the head-end never sees)."""
     records = []
     for i in range(n_meters):
         conc = concentrator_id(i * n_concentrators // n_meters + 1)
-        records.append(
-            {
-                "meter": meter_id(i + 1),
-                "system_title": meter_title(i + 1).hex(),
-                "concentrator": conc,
-                **{kt.value: secrets.token_bytes(16).hex() for kt in FACTORY_TYPES},
-            }
-        )
+        record = {
+            "meter": meter_id(i + 1),
+            "system_title": meter_title(i + 1).hex(),
+            "concentrator": conc,
+            **{kt.value: secrets.token_bytes(16).hex() for kt in FACTORY_TYPES},
+            "suite": suite_of(suites, i),
+        }
+        if record["suite"]:
+            scalar = suite1.scalar_from_rng(secrets.token_bytes)
+            record["sign_private"] = scalar.hex()
+            record["sign_public"] = suite1.SoftwareSigner.from_scalar(scalar).public_key_bytes().hex()
+        records.append(record)
     return records
 
 
@@ -283,7 +295,10 @@ class StoreModel:
     def from_records(cls, records: list[dict[str, str]], now: float) -> StoreModel:
         store = cls()
         for r in records:
-            store.meters[r["meter"]] = MeterRow(r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"])
+            store.meters[r["meter"]] = MeterRow(
+                r["meter"], bytes.fromhex(r["system_title"]), r["concentrator"], suite=r["suite"],
+                sign_public=bytes.fromhex(r["sign_public"]) if r["suite"] else None,
+            )
             for kt in FACTORY_TYPES:
                 store.keys[(r["meter"], kt, 1)] = KeyRow(
                     r["meter"], kt, 1, KeyState.ACTIVE, now, 0, 0, SecretBytes(bytes.fromhex(r[kt.value]))
@@ -376,14 +391,17 @@ class Sim:
         meter_counter_block: int = 8,
         boot_spread_s: float = 0.0,
         t0: float = T0,
+        suites: str = "0",
     ) -> None:
         self.now = t0
         self.interval_s = interval_s
-        self.records = make_records(n_meters, n_concentrators)
+        self.records = make_records(n_meters, n_concentrators, suites)
+        self.headend_signer = suite1.SoftwareSigner.from_scalar(suite1.scalar_from_rng(secrets.token_bytes))
         self.factory: dict[str, dict[KeyType, SecretBytes]] = {
             r["meter"]: {kt: SecretBytes(bytes.fromhex(r[kt.value])) for kt in FACTORY_TYPES} for r in self.records
         }
         self.titles = {r["meter"]: bytes.fromhex(r["system_title"]) for r in self.records}
+        self.record_of = {r["meter"]: r for r in self.records}
         self.by_title = {t: m for m, t in self.titles.items()}
         self.conc_of = {r["meter"]: r["concentrator"] for r in self.records}
         self.concentrators = sorted(set(self.conc_of.values()))
@@ -396,6 +414,8 @@ class Sim:
             ak_grace_s=ak_grace_s,
             counter_block=meter_counter_block,
             ciphers=CipherCache(256),
+            headend_sign_public=self.headend_signer.public_key_bytes(),
+            rng=secrets.token_bytes,
         )
         self.profiles = {m: loadcurve.profile(loadcurve.seed_for(t), interval_s) for m, t in self.titles.items()}
         self.offsets = {m: 0.5 * interval_s * (i + 1) / (n_meters + 1) for i, m in enumerate(self.titles)}
@@ -449,7 +469,7 @@ class Sim:
         return key
 
     def _new_engine(self) -> HeadEndEngine:
-        return HeadEndEngine(HEADEND_TITLE, self.policy, self._new_key)
+        return HeadEndEngine(HEADEND_TITLE, self.policy, self._new_key, self.headend_signer)
 
     def _build_meter(self, mid: str, boot_at: float) -> Meter:
         """Power-on state: factory keys overridden by NVM keys, NVM marks."""
@@ -457,6 +477,8 @@ class Sim:
         keys = dict(self.factory[mid])
         keys.update(nvm.keys)
         mk = MeterKeys(keys[KeyType.CCC], keys[KeyType.AK], keys[KeyType.CC_LAN], keys[KeyType.CC_LOCALE])
+        record = self.record_of[mid]
+        signer = suite1.SoftwareSigner.from_scalar(bytes.fromhex(record["sign_private"])) if record["suite"] else None
         return Meter(
             mid,
             self.titles[mid],
@@ -466,6 +488,8 @@ class Sim:
             marks=dict(nvm.marks),
             push_offset=self.offsets[mid],
             boot_at=boot_at,
+            suite=record["suite"],
+            signer=signer,
         )
 
     # -- failures ------------------------------------------------------------
@@ -545,10 +569,10 @@ class Sim:
         if meter.session is not None:
             self._learn(mid, meter.session.key, "session")
 
-    def _cipher(self, key: bytes, ak: bytes) -> Suite0Cipher:
-        c = self._ciphers.get((key, ak))
+    def _cipher(self, key: bytes, ak: bytes, suite: int = 0) -> Suite0Cipher:
+        c = self._ciphers.get((key, ak, suite))
         if c is None:
-            c = self._ciphers[(key, ak)] = Suite0Cipher(key, ak)
+            c = self._ciphers[(key, ak, suite)] = suite1.Suite1Cipher(key, ak) if suite else Suite0Cipher(key, ak)
             if len(self._ciphers) > 512:
                 self._ciphers.popitem(last=False)
         return c
@@ -556,17 +580,18 @@ class Sim:
     def _trial_open(self, mid: str, apdu, sender: bytes) -> tuple[bytes, str, bytes] | None:
         aks = list(reversed(self._aks[mid]))
         known = self._known[mid]
+        suite = apdu.security_control & 0x0F
         for key in reversed(known):
             for ak in aks:
                 try:
-                    return key, known[key], open_apdu(self._cipher(key, ak), apdu, sender)
+                    return key, known[key], open_apdu(self._cipher(key, ak, suite), apdu, sender)
                 except ProtocolError:
                     continue
         # Fallback: every key ever generated (a key born and dropped within one call).
         for key in reversed(self.all_keys):
             for ak in aks:
                 try:
-                    plain = open_apdu(Suite0Cipher(key, ak), apdu, sender)
+                    plain = open_apdu(self._cipher(key, ak, suite), apdu, sender)
                 except ProtocolError:
                     continue
                 self._learn(mid, key, "session")
@@ -585,14 +610,24 @@ class Sim:
                 if not aare.accepted or aare.initiate_apdu is None:
                     w.kind = "aare_rejected"
                     return w, None
+                if self.record_of[mid]["suite"]:
+                    # Signed, not ciphered: no IV.  (The meter's signature
+                    # over both ephemeral keys is checked by the head-end.)
+                    w.kind, w.sender = "aare_s1", aare.responding_title
+                    return w, None
                 apdu, w.sender, w.kind = parse_apdu(aare.initiate_apdu), aare.responding_title, "aare"
                 if aare.auth_value is not None:  # f(CtoS) = SC || IC || GMAC: one more IV
                     w.extra_ics = (int.from_bytes(aare.auth_value[1:5], "big"),)
             elif data[:1] == b"\x60":
                 aarq = parse_aarq(data)
+                if aarq.mechanism == MECHANISM_HLS_ECDSA:
+                    # IC (4) || signature: a counter the meter checks, no IV.
+                    w.kind, w.sender = "aarq_s1", aarq.calling_title
+                    w.ic = int.from_bytes(aarq.initiate_apdu[:4], "big")
+                    return w, None
                 apdu, w.sender, w.kind = parse_apdu(aarq.initiate_apdu), aarq.calling_title, "aarq"
             else:
-                apdu = parse_apdu(data)
+                apdu = parse_apdu(data, suite=self.record_of[mid]["suite"])
                 w.sender = apdu.system_title
                 w.kind = {GENERAL_GLO_CIPHERING: "db", GENERAL_DED_CIPHERING: "dc"}.get(apdu.tag, "unknown")
         except ProtocolError as exc:
@@ -672,6 +707,10 @@ class Sim:
             elif w.ic >= self.store.durable_tx.get(key_id(key), 0):
                 self.violations.append(f"AARQ to {w.meter} IC {w.ic} not below the durable mark")
         elif w.kind == "dc":
+            if self.record_of[w.meter]["suite"]:
+                # Suite 1: the session key lives in the head-end's RAM only
+                # (never stored, never restored): no mark needs to be durable.
+                return
             row = self.store.sessions.get((w.meter, False))
             if row is not None and row.key == key:
                 mark = self.store.durable_tx.get(key_id(key), 0)
@@ -728,7 +767,7 @@ class Sim:
         conc = self.conc_of[mid]
         for data in out.uplink:  # 2. then the frames
             w, key = self.classify("up", mid, conc, data)
-            if w.kind == "aare" and after_aarq_ic is not None and nvm.marks.get(LAN_RECV, 0) <= after_aarq_ic:
+            if w.kind in ("aare", "aare_s1") and after_aarq_ic is not None and nvm.marks.get(LAN_RECV, 0) <= after_aarq_ic:
                 self.violations.append(f"{mid} accepted AARQ IC {after_aarq_ic} before persisting its receive mark")
             self._put_on_wire(w, key)
 
@@ -741,7 +780,11 @@ class Sim:
         aarq_ic = None
         if data[:1] == b"\x60":
             try:
-                aarq_ic = parse_apdu(parse_aarq(data).initiate_apdu).invocation_counter
+                aarq = parse_aarq(data)
+                if aarq.mechanism == MECHANISM_HLS_ECDSA:
+                    aarq_ic = int.from_bytes(aarq.initiate_apdu[:4], "big")
+                else:
+                    aarq_ic = parse_apdu(aarq.initiate_apdu).invocation_counter
             except ProtocolError:
                 pass
         self._meter_output(mid, meter.on_downlink(data, self.now), after_aarq_ic=aarq_ic)

@@ -87,9 +87,9 @@ def states_match(sim: Sim) -> None:
         assert (m.transfer is not None) == (m.transfer_state is TransferState.AWAITING_ACK), m.meter
 
 
-def run_schedule(seed: int, schedule: list[tuple]) -> Sim:
+def run_schedule(seed: int, schedule: list[tuple], suites: str = "0") -> Sim:
     relay = Relay(seed)
-    sim = Sim(len(METERS), 2, network=relay,
+    sim = Sim(len(METERS), 2, network=relay, suites=suites,
               policy=default_policy(association_cooldown_s=120.0, unverified_trigger_interval_s=30.0))
     sim.run(INTERVAL)
     for n, act in enumerate(schedule):
@@ -150,9 +150,13 @@ def converges(sim: Sim) -> None:
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**32 - 1), schedule=st.lists(action, min_size=1, max_size=40))
-def test_no_adversarial_schedule_desynchronises_keys_or_reuses_an_iv(seed: int, schedule: list[tuple]) -> None:
-    sim = run_schedule(seed, schedule)
+@given(seed=st.integers(0, 2**32 - 1), schedule=st.lists(action, min_size=1, max_size=40),
+       suites=st.sampled_from(["0", "mixed", "1"]))
+def test_no_adversarial_schedule_desynchronises_keys_or_reuses_an_iv(
+    seed: int, schedule: list[tuple], suites: str
+) -> None:
+    """Suite-0 and suite-1 meters (``suites``: all 0, mixed, all 1) side by side."""
+    sim = run_schedule(seed, schedule, suites)
     converges(sim)
 
 
@@ -180,5 +184,6 @@ def test_a_hand_written_worst_case_converges() -> None:
         ("reboot_meter", "m000003"),
         ("step", 40.0),
     ]
-    sim = run_schedule(1234, schedule)
-    converges(sim)
+    for suites in ("0", "mixed"):
+        sim = run_schedule(1234, schedule, suites)
+        converges(sim)

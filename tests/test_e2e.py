@@ -8,6 +8,10 @@ service as its own process, and check what the issue asks of the product.
 * the monitor topics carry status and metrics;
 * SIGTERM stops every process cleanly (exit 0) with counters persisted.
 
+Both networks are mixed: half the meters in DLMS security suite 0, half in
+suite 1 (ECDSA-signed ephemeral ECDH sessions, SC 0x31), side by side
+behind the same unchanged relays.
+
 The same scenario runs on the embedded amqtt broker (started by the test on a
 free port, with the provisioned passwords and ACLs) and on Mosquitto at
 127.0.0.1:1883 (skipped, with the reason, when nothing listens there).
@@ -47,7 +51,8 @@ def _online(net: Network, collector: Collector, component: str) -> bool:
 
 
 def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
-    net = Network(tmp_path, meters=200, concentrators=4, broker=broker, env=ENV, bus_security=bus_security)
+    net = Network(tmp_path, meters=200, concentrators=4, broker=broker, env=ENV, bus_security=bus_security,
+                  suite="mixed")
 
 
     net.provision()
@@ -106,6 +111,7 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
         assert head["counters"]["associations"] >= 200
         assert head["counters"]["session_renewals"] >= 1
         assert head["counters"]["reprogrammed_cc_lan"] == 200
+        assert head["counters"]["associations_suite1"] >= 100  # every odd meter, renewals included
         for component in ("meters", "concentrator"):
             snap = _latest(net, monitor, component)
             assert snap, f"no metrics from {component}"
@@ -129,13 +135,21 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
                 for _meter, frame in msgpack.unpackb(p)["f"]
             )
         assert seen_plc and seen_plc == forwarded
+        # Both suites behind one relay: suite-1 frames carry SC 0x31.
+        scs = {frame[11] for frame in seen_plc if frame[:1] in (b"\xdb", b"\xdc") and frame[10] < 0x80}
+        assert {0x30, 0x31} <= scs, scs
 
         # Counters persisted: head-end sessions and CC_LAN marks; meters' NVM marks.
         with closing(net.db()) as db:
             # Sessions' receive counters are persisted (a session renewed just
             # before the stop may not have received a frame yet: rx 0 is right).
+            # Suite-1 session keys are never stored (forward secrecy): only
+            # the 100 suite-0 meters have a session row.
             sessions = db.execute("SELECT count(*), sum(rx_lowest > 0) FROM sessions WHERE pending = 0").fetchone()
-            assert sessions[0] == 200 and sessions[1] >= 100
+            assert sessions[0] == 100 and sessions[1] >= 50
+            suite1_rows = db.execute(
+                "SELECT count(*) FROM sessions JOIN meters USING (meter) WHERE meters.suite = 1").fetchone()[0]
+            assert suite1_rows == 0
             # The factory CC_LANs (now EXPIRED) carried the first associations:
             # their marks were persisted; the new ones carried the renewals since.
             lan = dict(db.execute(

@@ -257,6 +257,28 @@ def test_load_returns_the_factory_keys_unwrapped(backend: Backend) -> None:
     run(body())
 
 
+def test_suite1_meters_keep_their_suite_and_public_key_only(backend: Backend) -> None:
+    """Suite-1 meters: the store records the suite and the meter's *public*
+    signing key; a factory record's private key field is never imported."""
+    records = factory_records(3)
+    public = secrets.token_bytes(64)
+    records[1].update(suite=1, sign_public=public.hex(), sign_private="ab" * 32)
+
+    async def body() -> None:
+        async with backend.opened() as store:
+            await store.import_factory(records, NOW)
+        async with backend.opened() as store:
+            snap = await store.load()
+            by_meter = {m.meter: m for m in snap.meters}
+            assert (by_meter[records[1]["meter"]].suite, by_meter[records[1]["meter"]].sign_public) == (1, public)
+            assert {(m.suite, m.sign_public) for mid, m in by_meter.items() if mid != records[1]["meter"]} == {
+                (0, None)}
+            dump = repr(await store.query("SELECT * FROM meters"))
+            assert "ab" * 32 not in dump and bytes.fromhex("ab" * 32) not in dump.encode()
+
+    run(body())
+
+
 # --------------------------------------------------------------------------
 # readings
 

@@ -41,10 +41,11 @@ from ami.machines.headend_state import (
     PendingTransfer,
     Session,
 )
-from ami.protocol import Opener, ProtocolError, ReceiveCounter, SendCounter, Suite0Cipher, topics
+from ami.protocol import Opener, ProtocolError, ReceiveCounter, SendCounter, Suite0Cipher, suite1, topics
 from ami.protocol.association import (
     AARE_TAG,
     CHALLENGE_LEN,
+    MECHANISM_HLS_ECDSA,
     InitiateRequest,
     build_aarq,
     decode_initiate_response,
@@ -62,6 +63,7 @@ from ami.protocol.errors import (
     ReplayedFrame,
     UnknownKey,
     UnknownMeter,
+    UnsupportedSecurity,
     WrongSegment,
 )
 from ami.protocol.frames import (
@@ -172,16 +174,33 @@ class Effects:
     latencies_ns: list[int]
 
 
+def _suite_of_general_frame(data: bytes) -> int:
+    """The suite nibble of a DB/DC frame's SC (tag | 08 | title | length | SC),
+    0 for anything else (parse_apdu then judges it)."""
+    if len(data) < 13 or data[0] not in _GENERAL or data[1] != 8:
+        return 0
+    n = data[10]
+    pos = 11 if n < 0x80 else 11 + (n & 0x7F)
+    return data[pos] & 0x0F if pos < len(data) else 0
+
+
+_GENERAL = frozenset({GENERAL_GLO_CIPHERING, GENERAL_DED_CIPHERING})
+
+
 class HeadEndEngine:
     def __init__(
         self,
         headend_title: bytes,
         policy: Policy,
         new_key: Callable[[], bytes],
+        signer: suite1.Signer | None = None,
     ) -> None:
+        """``new_key()`` is the random source (16 fresh bytes a call);
+        ``signer`` signs our suite-1 AARQs (a file key or a PKCS#11 token)."""
         self.title = headend_title
         self.policy = policy
         self._new_key = new_key
+        self._signer = signer
         self.meters: dict[str, MeterState] = {}
         self.by_title: dict[bytes, MeterState] = {}
         self.counters: Counter[str] = Counter()
@@ -255,7 +274,9 @@ class HeadEndEngine:
                 commit.sessions.append(SessionRow(mid, 0, 0.0, 0, 0, 0, deleted=True))
         for mid in self._dirty_sessions:
             s = self.meters[mid].session
-            if s is None:
+            if s is None or self.meters[mid].suite:
+                # Suite 1: the session key is never stored (forward secrecy):
+                # after a restart the meter re-associates.
                 continue
             commit.sessions.append(
                 SessionRow(
@@ -270,6 +291,8 @@ class HeadEndEngine:
             )
         for mid in self._dirty_pending:
             pa = self.meters[mid].association
+            if pa is not None and pa.session_key is None:
+                continue  # suite 1: nothing to restore (the ephemeral key is RAM only)
             if pa is None:
                 commit.sessions.append(SessionRow(mid, 0, 0.0, 0, 0, 0, deleted=True, pending=True))
             else:
@@ -311,6 +334,9 @@ class HeadEndEngine:
         version, check value); the id only pairs replies with commands."""
         return int.from_bytes(self._new_key()[:8], "big") >> 2
 
+    def _random(self, n: int) -> bytes:
+        return b"".join(self._new_key() for _ in range(-(-n // 16)))[:n]
+
     def _assoc(self, m: MeterState, event: AssociationEvent) -> None:
         m.assoc_state = advance(ASSOCIATION, m.assoc_state, event)  # type: ignore[assignment]
 
@@ -322,7 +348,10 @@ class HeadEndEngine:
     def load(self, snapshot: Snapshot, now: float) -> None:
         block = self.policy.counter_block
         for row in snapshot.meters:
-            m = MeterState(row.meter, row.system_title, row.concentrator, high_seq=row.high_seq)
+            m = MeterState(row.meter, row.system_title, row.concentrator, high_seq=row.high_seq, suite=row.suite,
+                           sign_public=row.sign_public)
+            if m.suite and m.sign_public is None:
+                raise ValueError(f"{m.meter} is a suite-1 meter without a public signing key in the store")
             for seq in row.gaps:
                 m.gaps[seq] = now + self.policy.gap_fill_delay_s
             if m.gaps:
@@ -428,10 +457,18 @@ class HeadEndEngine:
                 m = self._meter_for(aare.responding_title, concentrator, label)
                 self._on_aare(m, aare, now, data)
                 return
-            apdu = parse_apdu(data)
+            if _suite_of_general_frame(data):
+                # A suite-1 frame, which only a suite-1 meter may send.
+                m = self._meter_for(bytes(data[2:10]), concentrator, label)
+                apdu = parse_apdu(data, suite=m.suite)
+            else:
+                apdu = parse_apdu(data)
             if apdu.system_title is None:
                 raise MalformedFrame("uplink APDU without system title")
-            m = self._meter_for(apdu.system_title, concentrator, label)
+            if m is None:
+                m = self._meter_for(apdu.system_title, concentrator, label)
+                if m.suite:
+                    raise UnsupportedSecurity("a suite-1 meter's frame under suite 0 (a downgrade)")
             if apdu.tag == GENERAL_DED_CIPHERING:
                 self._on_session_frame(m, apdu, now)
             elif apdu.tag == GENERAL_GLO_CIPHERING:
@@ -514,7 +551,7 @@ class HeadEndEngine:
         if pa is not None and not replay:
             # Traffic under the key we offered proves the meter took it, even
             # if its AARE is late or was lost (e.g. across our restart).
-            for key in (pa.session_key, *reversed(pa.offered)):
+            for key in (pa.session_key, *reversed(pa.offered)) if pa.session_key is not None else ():
                 probe = Opener(Suite0Cipher(key, m.ak), m.title, ReceiveCounter(0))
                 try:
                     plaintext = probe.open(apdu)
@@ -537,7 +574,7 @@ class HeadEndEngine:
         if slot.new is not None and not replay:
             new_ak = m.keys[KeyType.AK][slot.new].key
             for s in candidates:
-                probe = Opener(Suite0Cipher(s.key, new_ak), m.title, s.opener.counter)
+                probe = Opener(m.cipher(s.key, new_ak), m.title, s.opener.counter)
                 try:
                     plaintext = probe.open(apdu)
                 except (AuthenticationFailed, ReplayedFrame):
@@ -570,7 +607,7 @@ class HeadEndEngine:
             aks.append(m.expired_keys[KeyType.AK].key)
         for ak in aks:
             try:
-                open_apdu(Suite0Cipher(key, ak), apdu, m.title)
+                open_apdu(m.cipher(key, ak), apdu, m.title)
             except AuthenticationFailed:
                 continue
             return True
@@ -594,7 +631,7 @@ class HeadEndEngine:
             gk = m.keys[key_type][version]
             below = apdu.invocation_counter < gk.rx.lowest_acceptable
             for ak_version, ak in aks:
-                cipher = Suite0Cipher(gk.key, ak)
+                cipher = m.cipher(gk.key, ak)
                 if below:
                     # A replay only if it verifies under this key (a frame
                     # under the other version starts again at IC 0).
@@ -764,7 +801,12 @@ class HeadEndEngine:
             heapq.heappush(self._later, (now + wait, m.meter, reason))
             return
         self._associating += 1
-        m.association = PendingAssociation(SecretBytes(self._new_key()), m.next_serial, order, 0, now, 1, reason)
+        if m.suite:
+            # Suite 1 agrees the session key: nothing to offer; the AARQ's
+            # counter is the ACTIVE CC_LAN's (the meter's receive rule).
+            order = [m.slots[KeyType.CC_LAN].active]
+        session_key = None if m.suite else SecretBytes(self._new_key())
+        m.association = PendingAssociation(session_key, m.next_serial, order, 0, now, 1, reason)
         m.next_serial += 1
         self._assoc(m, AssociationEvent.ADMITTED)
         self._pending_meters.add(m.meter)
@@ -789,7 +831,9 @@ class HeadEndEngine:
             # A CC_LAN change completed since this association began: the
             # version it was going to try has expired; start over with today's.
             pa.order, pa.index = m.slots[KeyType.CC_LAN].try_order(), 0
-        if pa.attempts > 1 or pa.index > 0:
+        if m.suite:
+            pa.order, pa.index = [m.slots[KeyType.CC_LAN].active], 0
+        elif pa.attempts > 1 or pa.index > 0:
             # Every AARQ carries a fresh dedicated key: a meter must never
             # install the same session key twice (its counters restart at 0).
             # The meter may have taken an earlier offer whose AARE is late:
@@ -815,6 +859,8 @@ class HeadEndEngine:
             mark = min(gk.tx.next_reservation(), self._ic_ceiling(gk.created, now) + 1)
             gk.tx.confirm_reservation(mark)
         self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
+        if m.suite:
+            return self._send_suite1_aarq(m, pa, gk, now)
         pa.challenge = self._new_key()[:CHALLENGE_LEN]
         m.attempt_seq += 1
         m.attempts = (m.attempts + [Attempt(m.attempt_seq, pa.challenge, pa.session_key, pa.version)])[-4:]
@@ -826,6 +872,56 @@ class HeadEndEngine:
         self.counters["aarq_sent"] += 1
         if gk.tx.next_value >= self.policy.global_renew_at_ic:
             self._counter_renewal(m, KeyType.CC_LAN, now)
+
+    def _send_suite1_aarq(self, m: MeterState, pa: PendingAssociation, gk: GlobalKey, now: float) -> None:
+        """Suite 1: a signed offer of a fresh ephemeral key (suite1.py)."""
+        if self._signer is None:
+            # Configured without our signing key: we can read suite-1 meters'
+            # sessions, never open one.  Counted; the timeout retries.
+            pa.frame, pa.held_until = b"", math.inf
+            self.counters["aarq_unsignable"] += 1
+            return
+        ephemeral = suite1.SoftwareEcdh.from_rng(self._random)
+        ctos, offer = suite1.offer_association(self.title, m.title, gk.tx.take(), ephemeral, self._signer)
+        pa.challenge = ctos
+        m.attempt_seq += 1
+        m.attempts = (m.attempts + [Attempt(m.attempt_seq, ctos, None, pa.version, ephemeral)])[-4:]
+        pa.frame = build_aarq(self.title, offer, ctos, MECHANISM_HLS_ECDSA)
+        self._send(m, pa.frame)
+        self.counters["aarq_sent"] += 1
+        self.counters["aarq_sent_suite1"] += 1
+
+    def _on_suite1_aare(self, m: MeterState, aare, now: float, data: bytes) -> None:
+        """Suite 1: the meter's signed ephemeral key for one of our recent
+        AARQs gives the session key; nothing else verifies an AARE here."""
+        if aare.auth_value is None or aare.initiate_apdu is None:
+            raise MalformedFrame("suite-1 AARE without the meter's ephemeral key and signature")
+        for attempt in reversed(m.attempts):
+            if attempt.ephemeral is None:
+                continue
+            try:
+                key = suite1.finish_association(
+                    m.sign_public, self.title, m.title, attempt.challenge, aare.auth_value, aare.initiate_apdu,
+                    attempt.ephemeral,
+                )
+            except suite1.SignatureInvalid:
+                continue
+            if attempt.seq <= m.installed_attempt:
+                self.counters["stale_aare"] += 1
+                return
+            m.last_aare = bytes(data)
+            m.installed_attempt = attempt.seq
+            pa = m.association
+            if pa is not None:
+                pa.session_key = key
+                self._install_session(m, pa, now)
+            else:
+                self._new_session(m, m.next_serial, key, now)
+                m.next_serial += 1
+                self.counters["associations_superseded"] += 1
+            self.counters["associations_suite1"] += 1
+            return
+        raise suite1.SignatureInvalid("the AARE answers no recent AARQ of ours")
 
     def _on_aare(self, m: MeterState, aare, now: float, data: bytes = b"") -> None:
         if data and data == m.last_aare:
@@ -844,6 +940,8 @@ class HeadEndEngine:
             self._assoc(m, AssociationEvent.REFUSED)
             self._next_association_attempt(m, now, "rejected")
             return
+        if m.suite:
+            return self._on_suite1_aare(m, aare, now, data)
         apdu = parse_apdu(aare.initiate_apdu)
         if apdu.tag != GLO_INITIATE_RESPONSE:
             raise MalformedFrame("AARE does not carry a glo-initiateResponse")
@@ -924,8 +1022,12 @@ class HeadEndEngine:
             m.previous = old
         m.session = Session.build(
             serial, key, m.ak, now, self.title, m.title, SendCounter(0, block=self.policy.counter_block),
-            ReceiveCounter(0),
+            ReceiveCounter(0), suite=m.suite,
         )
+        if m.suite:
+            # Its key dies with this process (never stored): the whole range
+            # is ours, as for the meter's sessions.
+            m.session.sealer.counter.confirm_reservation(IC_LIMIT)
         self._dirty_sessions.add(m.meter)
         self._new_sessions.add(m.meter)
         self._deleted_sessions.discard(m.meter)

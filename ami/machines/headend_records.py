@@ -46,6 +46,10 @@ class MeterRow:
     concentrator: str
     high_seq: int | None = None
     gaps: list[int] = field(default_factory=list)
+    #: Security suite of the meter's LAN association (0, or 1: ECDSA-signed
+    #: ephemeral ECDH) and, in suite 1, its public signing key (X || Y).
+    suite: int = 0
+    sign_public: bytes | None = None
 
 
 @dataclass(slots=True)

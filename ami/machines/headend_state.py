@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ami.machines.handshakes import AssociationState, TransferState
 from ami.protocol import Opener, ReceiveCounter, Sealer, SendCounter, Suite0Cipher
+from ami.protocol.suite1 import Suite1Cipher, security_control
 from ami.protocol.frames import GENERAL_DED_CIPHERING
 from ami.protocol.keys import KeySlot, KeyState, KeyType, SecretBytes
 
@@ -51,22 +52,27 @@ class Session:
         tx: SendCounter,
         rx: ReceiveCounter,
         frames: int = 0,
+        suite: int = 0,
     ) -> "Session":
-        cipher = Suite0Cipher(key, ak)
+        cipher = cipher_for(suite, key, ak)
         return cls(
             serial,
             key,
             created,
-            Sealer(cipher, headend_title, tx, GENERAL_DED_CIPHERING),
+            Sealer(cipher, headend_title, tx, GENERAL_DED_CIPHERING, security_control(suite)),
             Opener(cipher, meter_title, rx),
             frames,
         )
 
     def rekey_ak(self, ak: bytes) -> None:
         """The AK changed: same session key, new authentication key."""
-        cipher = Suite0Cipher(self.key, ak)
+        cipher = cipher_for(self.sealer.cipher.SUITE, self.key, ak)
         self.sealer.cipher = cipher
         self.opener.cipher = cipher
+
+
+def cipher_for(suite: int, key: bytes, ak: bytes) -> Suite0Cipher:
+    return Suite1Cipher(key, ak) if suite else Suite0Cipher(key, ak)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +80,12 @@ class Attempt:
     """One AARQ as sent: what a bound AARE (its f(challenge)) proves the meter took."""
 
     seq: int  # increases with every attempt to this meter (in memory)
-    challenge: bytes
-    session_key: SecretBytes
-    version: int  # the CC_LAN version the AARQ went under
+    challenge: bytes  # suite 1: our ephemeral public key (CtoS)
+    session_key: SecretBytes | None  # suite 1: None (agreed, not sent)
+    version: int  # the CC_LAN version the AARQ went under (suite 1: whose counter it used)
+    #: Suite 1: our ephemeral key for this AARQ (RAM only, never stored:
+    #: forward secrecy); dropped with the attempt.
+    ephemeral: object = None
 
     def __repr__(self) -> str:
         return f"<Attempt {self.seq} cc_lan v{self.version}>"
@@ -119,6 +128,8 @@ class MeterState:
     concentrator: str
     keys: dict[KeyType, dict[int, GlobalKey]] = field(default_factory=dict)
     slots: dict[KeyType, KeySlot] = field(default_factory=dict)
+    suite: int = 0
+    sign_public: bytes | None = None
     session: Session | None = None
     previous: Session | None = None
     next_serial: int = 1
@@ -158,3 +169,7 @@ class MeterState:
     @property
     def ak(self) -> SecretBytes:
         return self.key(KeyType.AK).key
+
+    def cipher(self, key: bytes, ak: bytes) -> Suite0Cipher:
+        """A cipher of this meter's suite (LAN side)."""
+        return cipher_for(self.suite, key, ak)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -45,7 +46,9 @@ from ami.protocol import (
     parse_apdu,
     seal_apdu,
 )
+from ami.protocol import suite1
 from ami.protocol.association import (
+    MECHANISM_HLS_ECDSA,
     InitiateResponse,
     build_aare,
     decode_initiate_request,
@@ -99,6 +102,7 @@ PERSISTED_KEYS = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 
 # general-ded-ciphering overhead: tag, title length, title, length (<=3), SC, IC, tag.
 _DC_OVERHEAD = 1 + 1 + 8 + 3 + 1 + 4 + 12
+SUITE_SC = {0: suite1.security_control(0), 1: suite1.security_control(1)}  # 0x30, 0x31
 _MAX_PENDING_EVENTS = 16
 
 
@@ -164,7 +168,7 @@ class CipherCache:
     __slots__ = ("_items", "size", "hits", "misses")
 
     def __init__(self, size: int = 4096) -> None:
-        self._items: OrderedDict[tuple[bytes, bytes], Suite0Cipher] = OrderedDict()
+        self._items: OrderedDict[tuple[bytes, bytes, int], Suite0Cipher] = OrderedDict()
         self.size = size
         self.hits = 0
         self.misses = 0
@@ -172,15 +176,15 @@ class CipherCache:
     def __repr__(self) -> str:
         return f"<CipherCache {len(self._items)}/{self.size}>"
 
-    def get(self, key: bytes, ak: bytes) -> Suite0Cipher:
-        ident = (bytes(key), bytes(ak))
+    def get(self, key: bytes, ak: bytes, suite: int = 0) -> Suite0Cipher:
+        ident = (bytes(key), bytes(ak), suite)
         cipher = self._items.get(ident)
         if cipher is not None:
             self.hits += 1
             self._items.move_to_end(ident)
             return cipher
         self.misses += 1
-        cipher = Suite0Cipher(key, ak)
+        cipher = suite1.Suite1Cipher(key, ak) if suite else Suite0Cipher(key, ak)
         if self.size > 0:
             self._items[ident] = cipher
             if len(self._items) > self.size:
@@ -206,6 +210,11 @@ class MeterConfig:
     #: Zero bytes in a ``pad`` field of each pushed reading (``ami meters --pad``:
     #: load tests with bigger frames); the head-end ignores the field.
     pad: int = 0
+    #: Suite 1: the head-end's public signing key (64 bytes X || Y), and the
+    #: random source for the meters' ephemeral keys (``rng(n) -> n bytes``,
+    #: handed in: the machine draws no randomness of its own).
+    headend_sign_public: bytes | None = None
+    rng: Callable[[int], bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -229,11 +238,12 @@ class Session:
     """An association (LAN with the head-end, or local with the handheld):
     a dedicated key in RAM and its two counters, both starting at 0."""
 
-    __slots__ = ("key", "peer_title", "send", "recv")
+    __slots__ = ("key", "peer_title", "send", "recv", "suite")
 
-    def __init__(self, key: SecretBytes, peer_title: bytes) -> None:
+    def __init__(self, key: SecretBytes, peer_title: bytes, suite: int = 0) -> None:
         self.key = key
         self.peer_title = peer_title
+        self.suite = suite
         self.send = SendCounter(0)
         # The key dies with the process, so no value can be reused after a
         # crash: nothing to persist, the whole range is ours.
@@ -275,6 +285,9 @@ class Meter:
         "pending_events",
         "next_due",
         "thresholds_reported",
+        "suite",
+        "signer",
+        "sc",
     )
 
     def __init__(
@@ -288,6 +301,8 @@ class Meter:
         marks: dict[str, int] | None = None,
         push_offset: float = 0.0,
         boot_at: float = 0.0,
+        suite: int = 0,
+        signer: suite1.Signer | None = None,
     ) -> None:
         """Power-on state from NVM: ``keys`` (factory, overridden by key
         transfers) and durable counter ``marks``.  The meter is off until its
@@ -321,6 +336,14 @@ class Meter:
         self.pending_events: list[Event] | None = None
         self.next_due = boot_at
         self.thresholds_reported: set[KeyType] = set()
+        #: Security suite of the LAN side: 0 (AES-GCM, keys transported) or 1
+        #: (ECDSA-signed ephemeral ECDH sessions, SC 0x31).  The local port
+        #: (handheld) stays suite 0.
+        if suite not in (0, 1) or (suite == 1 and (signer is None or config.headend_sign_public is None)):
+            raise ValueError("a suite-1 meter needs its signing key and the head-end's public key")
+        self.suite = suite
+        self.signer = signer
+        self.sc = suite1.security_control(suite)
 
     def __repr__(self) -> str:
         state = "off" if not self.powered else ("associated" if self.session else "announcing")
@@ -440,7 +463,7 @@ class Meter:
             self._on_aarq(data, now, out, local=False)
             return out
         try:
-            apdu = self._parse_dc(data, self.config.headend_title)
+            apdu = self._parse_dc(data, self.config.headend_title, self.suite)
             session = self.session
             if session is None:
                 raise UnknownKey("no LAN session")
@@ -519,6 +542,11 @@ class Meter:
             aarq = parse_aarq(data)
             if aarq.calling_title != peer:
                 raise WrongPeer("calling AP-title is not the expected peer")
+            if not local and (self.suite == 1) != (aarq.mechanism == MECHANISM_HLS_ECDSA):
+                # Never downgraded (nor upgraded) by whoever builds the AARQ.
+                raise WrongPeer(f"this meter associates in suite {self.suite} only")
+            if not local and self.suite == 1:
+                return self._on_suite1_aarq(data, aarq, now, out)
             apdu = parse_apdu(aarq.initiate_apdu)
             if apdu.tag != GLO_INITIATE_REQUEST:
                 raise MalformedFrame("AARQ user information is not a glo-initiateRequest")
@@ -575,6 +603,33 @@ class Meter:
         self._check_thresholds(now, out)
         frames.append(aare)
 
+    def _on_suite1_aarq(self, data: bytes, aarq, now: float, out: Output) -> None:
+        """Suite 1: check the head-end's signed offer and its counter, answer
+        with our own fresh ephemeral key, signed, and derive the session key
+        (suite1.py: the ephemeral private keys never outlive this call)."""
+        assert self.signer is not None and self.config.headend_sign_public is not None
+        if aarq.challenge is None:
+            raise MalformedFrame("suite-1 AARQ without its ephemeral key")
+        hub = self.config.headend_title
+        ic = suite1.read_offer(self.config.headend_sign_public, hub, self.title, aarq.challenge, aarq.initiate_apdu)
+        self.lan_recv.check(ic)
+        # Authentic and fresh: move the counter (durable before the AARE leaves).
+        self.lan_recv.accept(ic)
+        out.persist.append(CounterMark(LAN_RECV, self.lan_recv.lowest_acceptable))
+        rng = self.config.rng
+        if rng is None:
+            raise ValueError("a suite-1 meter needs a random source (MeterConfig.rng)")
+        ephemeral = suite1.SoftwareEcdh.from_rng(rng)
+        stoc, signature, key = suite1.answer_association(hub, self.title, aarq.challenge, ephemeral, self.signer)
+        aare = build_aare(self.title, True, signature, stoc)
+        self.session = Session(key, hub, suite=1)
+        out.counters.append("associations")
+        out.counters.append("associations_suite1")
+        self.last_association = (bytes(data), aare)
+        self.next_due = now
+        self._check_thresholds(now, out)
+        out.uplink.append(aare)
+
     def _seal_global(self, key_type: KeyType, counter: SendCounter, slot: str, out: Output) -> bytes:
         ic = self._take(counter, slot, out)
         cipher = self.config.ciphers.get(self.keys.get(key_type), self.keys.ak)
@@ -615,8 +670,10 @@ class Meter:
             # an IV; only a key change (handheld, new CC_LAN) can help now.
             out.counters.append("counter_exhausted")
             return
-        cipher = self.config.ciphers.get(self.keys.cc_lan, self.keys.ak)
-        out.uplink.append(seal_apdu(cipher, GENERAL_GLO_CIPHERING, self.title, ic, encode_message(event)))
+        cipher = self.config.ciphers.get(self.keys.cc_lan, self.keys.ak, self.suite)
+        out.uplink.append(
+            seal_apdu(cipher, GENERAL_GLO_CIPHERING, self.title, ic, encode_message(event), security_control=self.sc)
+        )
         out.counters.append("boot_events")
         self.next_announce = now + self.config.boot_retry_s
         self.next_due = self.next_announce
@@ -712,8 +769,11 @@ class Meter:
             self.next_announce = self.next_due = 0.0
 
     def _seal_session(self, session: Session, msg: Message, pad: int = 0) -> bytes:
-        cipher = self.config.ciphers.get(session.key, self.keys.ak)
-        return seal_apdu(cipher, GENERAL_DED_CIPHERING, self.title, session.send.take(), encode_message(msg, pad=pad))
+        cipher = self.config.ciphers.get(session.key, self.keys.ak, session.suite)
+        return seal_apdu(
+            cipher, GENERAL_DED_CIPHERING, self.title, session.send.take(), encode_message(msg, pad=pad),
+            security_control=SUITE_SC[session.suite],
+        )
 
     def _queue_event(self, event: Event, out: Output) -> None:
         if self.pending_events is None:
@@ -724,8 +784,8 @@ class Meter:
         self.pending_events.append(event)
 
     @staticmethod
-    def _parse_dc(data: bytes, peer: bytes) -> CipheredApdu:
-        apdu = parse_apdu(data)
+    def _parse_dc(data: bytes, peer: bytes, suite: int = 0) -> CipheredApdu:
+        apdu = parse_apdu(data, suite=suite)
         if apdu.tag != GENERAL_DED_CIPHERING:
             raise MalformedFrame("expected general-ded-ciphering under the session")
         if apdu.system_title != peer:
@@ -734,18 +794,18 @@ class Meter:
 
     def _open_session(self, session: Session, apdu: CipheredApdu, now: float) -> Message:
         session.recv.check(apdu.invocation_counter)
-        plaintext = self._open_with_grace(session.key, apdu, session.peer_title, now)
+        plaintext = self._open_with_grace(session.key, apdu, session.peer_title, now, session.suite)
         session.recv.accept(apdu.invocation_counter)  # only after the tag verified
         return decode_message(plaintext)
 
-    def _open_with_grace(self, key: bytes, apdu: CipheredApdu, peer: bytes, now: float) -> bytes:
+    def _open_with_grace(self, key: bytes, apdu: CipheredApdu, peer: bytes, now: float, suite: int = 0) -> bytes:
         """Open under the current AK, or under the previous one during its grace."""
         try:
-            return open_apdu(self.config.ciphers.get(key, self.keys.ak), apdu, peer)
+            return open_apdu(self.config.ciphers.get(key, self.keys.ak, suite), apdu, peer)
         except AuthenticationFailed:
             if self.prev_ak is None or now >= self.prev_ak_until:
                 raise
-            return open_apdu(self.config.ciphers.get(key, self.prev_ak), apdu, peer)
+            return open_apdu(self.config.ciphers.get(key, self.prev_ak, suite), apdu, peer)
 
 
 def _chunks(

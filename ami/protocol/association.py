@@ -55,6 +55,7 @@ __all__ = [
     "APP_CONTEXT_LN_CIPHERED",
     "CHALLENGE_LEN",
     "HLS_GMAC_LEN",
+    "MECHANISM_HLS_ECDSA",
     "MECHANISM_HLS_GMAC",
     "Aare",
     "Aarq",
@@ -87,6 +88,9 @@ VAA_NAME_LN = 0x0007
 _CONFORMANCE_TAG = bytes.fromhex("5F1F0400")
 #: Mechanism name high-level security 5 (GMAC), {2 16 756 5 8 2 5}.
 MECHANISM_HLS_GMAC = bytes.fromhex("60857405080205")
+#: Mechanism name high-level security 7 (ECDSA), {2 16 756 5 8 2 7}: suite 1.
+MECHANISM_HLS_ECDSA = bytes.fromhex("60857405080207")
+_MECHANISMS = (MECHANISM_HLS_GMAC, MECHANISM_HLS_ECDSA)
 #: Our challenges: 16 random bytes (DLMS allows 8 to 64).
 CHALLENGE_LEN = 16
 _MIN_CHALLENGE, _MAX_CHALLENGE = 8, 64
@@ -203,13 +207,19 @@ def _title(tag: int, title: bytes) -> bytes:
     return _tlv(tag, _tlv(0x04, title))
 
 
-def build_aarq(calling_title: bytes, initiate_apdu: bytes, challenge: bytes | None = None) -> bytes:
-    """An AARQ; with ``challenge`` it asks for HLS-GMAC (the AARE must carry f(challenge))."""
+def build_aarq(
+    calling_title: bytes, initiate_apdu: bytes, challenge: bytes | None = None, mechanism: bytes = MECHANISM_HLS_GMAC
+) -> bytes:
+    """An AARQ; with ``challenge`` it asks for HLS ``mechanism`` (the AARE
+    must carry f(challenge)).  ``initiate_apdu`` is the user-information:
+    a glo-initiateRequest in suite 0, the signed key offer in suite 1."""
     body = _context() + _title(0xA6, calling_title)
     if challenge is not None:
         if not _MIN_CHALLENGE <= len(challenge) <= _MAX_CHALLENGE:
             raise ValueError("a challenge is 8 to 64 bytes")
-        body += _tlv(0x8A, b"\x07\x80") + _tlv(0x8B, MECHANISM_HLS_GMAC) + _tlv(0xAC, _tlv(0x80, challenge))
+        if mechanism not in _MECHANISMS:
+            raise ValueError("unknown authentication mechanism")
+        body += _tlv(0x8A, b"\x07\x80") + _tlv(0x8B, mechanism) + _tlv(0xAC, _tlv(0x80, challenge))
     body += _tlv(0xBE, _tlv(0x04, initiate_apdu))
     return _tlv(AARQ_TAG, body)
 
@@ -253,6 +263,7 @@ class Aarq:
     calling_title: bytes
     initiate_apdu: bytes
     challenge: bytes | None = None
+    mechanism: bytes | None = None  # MECHANISM_HLS_GMAC (suite 0) or MECHANISM_HLS_ECDSA (suite 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,14 +322,15 @@ def parse_aarq(data: bytes) -> Aarq:
     _check_context(el)
     if 0xA6 not in el or 0xBE not in el:
         raise MalformedFrame("AARQ lacks calling AP-title or user information")
-    challenge = None
+    challenge = mechanism = None
     if 0xAC in el:
-        if el.get(0x8B) != MECHANISM_HLS_GMAC:
-            raise MalformedFrame("a challenge needs the HLS-GMAC mechanism name")
+        mechanism = el.get(0x8B)
+        if mechanism not in _MECHANISMS:
+            raise MalformedFrame("a challenge needs an HLS-GMAC or HLS-ECDSA mechanism name")
         challenge = _inner(el[0xAC], 0x80)
         if not _MIN_CHALLENGE <= len(challenge) <= _MAX_CHALLENGE:
             raise MalformedFrame("challenge length outside 8..64")
-    return Aarq(_parse_title(el[0xA6]), _inner(el[0xBE], 0x04), challenge)
+    return Aarq(_parse_title(el[0xA6]), _inner(el[0xBE], 0x04), challenge, mechanism)
 
 
 def parse_aare(data: bytes) -> Aare:
@@ -331,6 +343,6 @@ def parse_aare(data: bytes) -> Aare:
         raise MalformedFrame("bad AARE result")
     apdu = _inner(el[0xBE], 0x04) if 0xBE in el else None
     auth_value = _inner(el[0xAA], 0x80) if 0xAA in el else None
-    if auth_value is not None and len(auth_value) != HLS_GMAC_LEN:
-        raise MalformedFrame("responding authentication value is not SC || IC || GMAC")
+    if auth_value is not None and not _MIN_CHALLENGE <= len(auth_value) <= _MAX_CHALLENGE:
+        raise MalformedFrame("responding authentication value outside 8..64 bytes")
     return Aare(_parse_title(el[0xA4]), result[0] == 0, apdu, auth_value)

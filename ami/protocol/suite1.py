@@ -75,58 +75,64 @@ from .keys import KeyId, SecretBytes
 from .security_control import KEY_LEN, SC_AUTH, SC_AUTH_ENC, SC_ENC, check_security_control
 
 __all__ = [
+    "aarq_signed_data",
     "AES_GCM_128",
     "AES_GCM_256",
     "AES_WRAP_128",
     "AES_WRAP_256",
-    "CURVE",
-    "EcdhAgreement",
-    "InvalidPublicKey",
-    "KEY_AGREEMENT_DATA_LEN",
-    "KeyAgreementEntry",
-    "PRIVATE_KEY_LEN",
-    "PUBLIC_KEY_LEN",
-    "PendingKeyAgreement",
-    "SC1_AUTH",
-    "SC1_AUTH_ENC",
-    "SC1_ENC",
-    "SHARED_SECRET_LEN",
-    "SIGNATURE_LEN",
-    "SUITE_1",
-    "SignatureInvalid",
-    "Signer",
-    "SoftwareEcdh",
-    "SoftwareSigner",
-    "Suite1Cipher",
     "agree_ephemeral_unified",
     "agree_one_pass_originator",
     "agree_one_pass_recipient",
     "agree_static_unified",
+    "answer_association",
     "answer_key_agreement",
     "check_suite1_security_control",
+    "CURVE",
     "decode_key_agreement",
     "decode_one_pass_key_data",
     "decode_public_key",
     "decode_signature",
+    "EcdhAgreement",
     "encode_key_agreement",
     "encode_one_pass_key_data",
     "encode_public_key",
     "encode_signature",
     "ephemeral_unified_other_info",
+    "finish_association",
     "finish_key_agreement",
     "hls7_client_signed_data",
     "hls7_server_signed_data",
+    "InvalidPublicKey",
     "kdf",
+    "KEY_AGREEMENT_DATA_LEN",
+    "KeyAgreementEntry",
+    "offer_association",
     "offer_ephemeral_key",
+    "OFFER_LEN",
     "one_pass_other_info",
     "other_info",
     "parse_suite1_apdu",
+    "PendingKeyAgreement",
     "private_key_from_scalar",
+    "PRIVATE_KEY_LEN",
+    "PUBLIC_KEY_LEN",
+    "read_offer",
+    "SC1_AUTH",
+    "SC1_AUTH_ENC",
+    "SC1_ENC",
     "scalar_from_rng",
     "security_control",
+    "SHARED_SECRET_LEN",
     "sign",
+    "SIGNATURE_LEN",
+    "SignatureInvalid",
+    "Signer",
+    "SoftwareEcdh",
+    "SoftwareSigner",
     "start_key_agreement",
     "static_unified_other_info",
+    "Suite1Cipher",
+    "SUITE_1",
     "suite_of",
     "verify_signature",
 ]
@@ -713,3 +719,80 @@ def hls7_client_signed_data(client_title: bytes, server_title: bytes, stoc: byte
 def hls7_server_signed_data(client_title: bytes, server_title: bytes, stoc: bytes, ctos: bytes) -> bytes:
     """What the server signs for f(CtoS): ST_S || ST_C || CtoS || StoC."""
     return _title(server_title) + _title(client_title) + bytes(ctos) + bytes(stoc)
+
+
+# --- the suite-1 association: HLS-ECDSA with an ephemeral key agreement --------------
+#
+# Our LAN association in suite 1 (docs/protocol.md, "Suite 1").  DLMS would
+# authenticate with HLS-ECDSA (mechanism 7, four passes) and then agree a key
+# with Security setup's key_agreement method; we fold both into the AARQ/AARE
+# pair, which the head-end already retries and the meter already answers:
+#
+#   AARQ  mechanism HLS-ECDSA, CtoS = Q_h (the head-end's fresh ephemeral
+#         public key, 64 bytes), user-information = IC (4) || sig_h
+#         sig_h = ECDSA_h(ST_C || ST_S || IC || CtoS)
+#   AARE  StoC = Q_m (the meter's fresh ephemeral public key),
+#         user-information = sig_m = ECDSA_m(ST_S || ST_C || CtoS || StoC)
+#         (HLS-7's f(CtoS), pass 4)
+#   K     = KDF(ECDH(ephemeral, peer ephemeral), AES-GCM-128, U = ST_C, V = ST_S)
+#
+# Both ephemeral private keys live in RAM for one association and are then
+# dropped: no key either side holds later, and nothing in any store, opens a
+# recorded session (forward secrecy).  The IC (the head-end's counter under
+# its CC_LAN, persisted and checked by the meter like any AARQ's) is our
+# addition: the Green Book's signed data (key_id || Q) can be replayed, and a
+# replayed offer would make the meter drop its session for one nobody can use.
+# sig_m covers CtoS, so an AARE answers exactly one AARQ.
+
+#: The AARQ's user-information in suite 1: IC (4) || signature (64).
+OFFER_LEN = 4 + SIGNATURE_LEN
+
+
+def aarq_signed_data(client_title: bytes, server_title: bytes, invocation_counter: int, ctos: bytes) -> bytes:
+    """What the head-end signs in a suite-1 AARQ: ST_C || ST_S || IC || CtoS."""
+    return _title(client_title) + _title(server_title) + invocation_counter.to_bytes(4, "big") + bytes(ctos)
+
+
+def offer_association(
+    client_title: bytes, server_title: bytes, invocation_counter: int, ephemeral: EcdhAgreement, signer: Signer
+) -> tuple[bytes, bytes]:
+    """(CtoS, user-information) of a suite-1 AARQ."""
+    ctos = ephemeral.public_key_bytes()
+    sig = sign(signer, aarq_signed_data(client_title, server_title, invocation_counter, ctos))
+    return ctos, invocation_counter.to_bytes(4, "big") + sig
+
+
+def read_offer(
+    headend_public: ec.EllipticCurvePublicKey | bytes, client_title: bytes, server_title: bytes, ctos: bytes,
+    user_information: bytes,
+) -> int:
+    """The meter's check of a suite-1 AARQ: return its IC once sig_h verifies
+    (the caller then applies its receive-counter rule), or raise."""
+    if len(user_information) != OFFER_LEN or len(ctos) != PUBLIC_KEY_LEN:
+        raise MalformedMessage("suite-1 AARQ offer is IC (4) || signature (64) with a 64-byte CtoS")
+    decode_public_key(ctos)  # on the curve, or InvalidPublicKey
+    ic = int.from_bytes(user_information[:4], "big")
+    verify_signature(headend_public, aarq_signed_data(client_title, server_title, ic, ctos), user_information[4:])
+    return ic
+
+
+def answer_association(
+    client_title: bytes, server_title: bytes, ctos: bytes, ephemeral: EcdhAgreement, signer: Signer
+) -> tuple[bytes, bytes, SecretBytes]:
+    """The meter's (StoC, sig_m, K) for a verified offer."""
+    stoc = ephemeral.public_key_bytes()
+    sig = sign(signer, hls7_server_signed_data(client_title, server_title, stoc, ctos))
+    key = kdf(ephemeral.exchange(ctos), ephemeral_unified_other_info(client_title, server_title))
+    return stoc, sig, key
+
+
+def finish_association(
+    meter_public: ec.EllipticCurvePublicKey | bytes, client_title: bytes, server_title: bytes, ctos: bytes,
+    stoc: bytes, signature: bytes, ephemeral: EcdhAgreement,
+) -> SecretBytes:
+    """The head-end's K from the meter's answer, once sig_m verifies over
+    this AARQ's CtoS (an AARE for another AARQ fails here)."""
+    if len(stoc) != PUBLIC_KEY_LEN or len(signature) != SIGNATURE_LEN:
+        raise MalformedMessage("suite-1 AARE is StoC (64) with a 64-byte signature")
+    verify_signature(meter_public, hls7_server_signed_data(client_title, server_title, stoc, ctos), signature)
+    return kdf(ephemeral.exchange(stoc), ephemeral_unified_other_info(client_title, server_title))

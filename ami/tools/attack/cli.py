@@ -14,9 +14,9 @@ from typing import Any
 
 from ami.tools.attack.capture import capture, read_captures
 from ami.tools.attack.hsm import hsm_attack, pkcs11_params
-from ami.tools.attack.store import host_files, read_dump, steal, without_kek
+from ami.tools.attack.runs import store_report
+from ami.tools.attack.store import read_dump, steal, without_kek
 from ami.tools.attack.traffic import frames_from_records
-from ami.tools.attack.with_kek import RawKekVault, with_vault
 
 
 def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
@@ -49,12 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     hsm.add_argument("--live", action="store_true", help="also use the token with the PIN from pin_env")
     hsm.add_argument("--report", type=Path)
 
+    cmp_ = sub.add_parser("compare", help="suite 0 and suite 1 side by side on one capture (mixed network)")
+    add_common_arguments(cmp_, config)
+    cmp_.add_argument("--store", type=Path, required=True, help="the head-end SQLite file")
+    cmp_.add_argument("--capture", type=Path, action="append", default=[], required=True)
+    cmp_.add_argument("--kek", type=Path, required=True, help="the stolen file KEK")
+    cmp_.add_argument("--report", type=Path)
+
 
 def main(args: argparse.Namespace, config: dict) -> int:
     if args.attack_command == "capture":
         return _capture_main(args)
     if args.attack_command == "store":
         return _store_main(args)
+    if args.attack_command == "compare":
+        from ami.tools.attack.compare import main_compare
+
+        return main_compare(args)
     return _hsm_main(args)
 
 
@@ -77,21 +88,6 @@ def _capture_main(args: argparse.Namespace) -> int:
           f"{result.get('bodies_decoding_as_plaintext', 0)} of {result.get('ciphered_bodies', 0)} ciphered "
           "bodies decode as plaintext (a relay holds no keys)", file=sys.stderr)
     return code
-
-
-def store_report(db: Path, captures: list[Path], *, kek: bytes | None = None, vault: Any = None,
-                 host_dir: Path | None = None) -> dict[str, Any]:
-    frames, _ = frames_from_records(read_captures(captures)) if captures else ([], Counter())
-    with tempfile.TemporaryDirectory(prefix="ami-dump-") as tmp:
-        dump = read_dump(steal(db, Path(tmp)))
-        report: dict[str, Any] = {"capture": {"frames": len(frames)}, "without_kek": without_kek(dump, frames)}
-        if kek is not None:
-            vault = RawKekVault(kek)
-        if vault is not None:
-            report["with_kek"], _t, _k = with_vault(dump, vault, frames)
-        if host_dir is not None:
-            report["host_files"] = host_files(host_dir, dump, frames, skip=[db])
-    return report
 
 
 def _store_main(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from ami.protocol.association import (
     parse_aarq,
 )
 from ami.protocol.cipher import Suite0Cipher
-from ami.protocol.errors import ProtocolError
+from ami.protocol.errors import ProtocolError, UnsupportedSecurity
 from ami.protocol.frames import (
     GENERAL_DED_CIPHERING,
     GENERAL_GLO_CIPHERING,
@@ -44,6 +44,7 @@ from ami.protocol.messages import (
     decode_batch,
     decode_message,
 )
+from ami.protocol.suite1 import Suite1Cipher
 from ami.runtime.network import HEADEND_TITLE
 
 AARQ_TAG, AARE_TAG = 0x60, 0x61
@@ -112,10 +113,18 @@ def kind_of(data: bytes) -> str:
         except ProtocolError:
             return "malformed"
     try:
-        tag = parse_apdu(data).tag
+        tag = parse_any_suite(data).tag
     except ProtocolError:
         return "malformed"
     return {GENERAL_DED_CIPHERING: "dc", GENERAL_GLO_CIPHERING: "db"}.get(tag, "apdu_other")
+
+
+def parse_any_suite(data: bytes):
+    """parse_apdu for a frame of suite 0 or suite 1 (its SC says which)."""
+    try:
+        return parse_apdu(data)
+    except UnsupportedSecurity:
+        return parse_apdu(data, suite=1)
 
 
 def body_of(data: bytes) -> bytes | None:
@@ -128,7 +137,7 @@ def body_of(data: bytes) -> bytes | None:
             if inner is None:
                 return None
             data = inner
-        return parse_apdu(data).body[:-_TAG_LEN]
+        return parse_any_suite(data).body[:-_TAG_LEN]
     except ProtocolError:
         return None
 
@@ -186,12 +195,12 @@ class KeyRing:
 
 class _Ciphers:
     def __init__(self) -> None:
-        self._cache: dict[tuple[bytes, bytes], Suite0Cipher] = {}
+        self._cache: dict[tuple[bytes, bytes, int], Suite0Cipher] = {}
 
-    def get(self, enc: bytes, ak: bytes) -> Suite0Cipher:
-        c = self._cache.get((enc, ak))
+    def get(self, enc: bytes, ak: bytes, suite: int = 0) -> Suite0Cipher:
+        c = self._cache.get((enc, ak, suite))
         if c is None:
-            c = self._cache[(enc, ak)] = Suite0Cipher(enc, ak)
+            c = self._cache[(enc, ak, suite)] = Suite1Cipher(enc, ak) if suite else Suite0Cipher(enc, ak)
         return c
 
 
@@ -214,6 +223,27 @@ class TrafficResult:
     keys_learned: int
     sessions_recovered: int
     kind_list: list[str]
+
+    def by_suite(self, suite_of: dict[str, int]) -> dict[str, dict[str, int]]:
+        """The same counts, for the meters of each security suite (``suite_of``:
+        meter -> suite, from the stolen store)."""
+        out: dict[str, dict[str, int]] = {}
+        for suite in sorted(set(suite_of.values())):
+            idx = [i for i, f in enumerate(self.frame_list) if suite_of.get(f.meter, 0) == suite]
+            dc = [i for i in idx if self.kind_list[i] == "dc"]
+            mine = {m for m, s in suite_of.items() if s == suite}
+            out[str(suite)] = {
+                "meters": len(mine),
+                "frames": len(idx),
+                "frames_decrypted": sum(1 for i in idx if i in self.opened),
+                "aarq_total": sum(1 for i in idx if self.kind_list[i] == "aarq"),
+                "session_keys_recovered_from_aarqs": sum(
+                    1 for i in idx if i in self.opened and self.opened[i].session_key is not None),
+                "dc_total": len(dc),
+                "dc_decrypted": sum(1 for i in dc if i in self.opened),
+                "readings_decrypted": sum(1 for (m, _seq) in self.readings if m in mine),
+            }
+        return out
 
     def summary(self) -> dict[str, Any]:
         opened_kinds = Counter(o.kind for o in self.opened.values())
@@ -307,10 +337,11 @@ def _learn_transfer(meter: str, msg: KeyTransfer, ring: KeyRing) -> int:
 
 def _open_global(g: dict, apdu, ciphers: _Ciphers, title: bytes | None = None):
     """(CC_LAN entry, plaintext) for the first CC_LAN x AK pair that verifies, else None."""
+    suite = apdu.security_control & 0x0F
     for cc in g[KeyType.CC_LAN]:
         for ak in g[KeyType.AK]:
             try:
-                return cc, open_apdu(ciphers.get(cc.key, ak.key), apdu, title)
+                return cc, open_apdu(ciphers.get(cc.key, ak.key, suite), apdu, title)
             except ProtocolError:
                 continue
     return None
@@ -341,7 +372,7 @@ def _try_open(f: Frame, kind: str, ring: KeyRing, ciphers: _Ciphers) -> Opened |
         if kind == "db":
             if not g:
                 return None
-            found = _open_global(g, parse_apdu(f.data), ciphers)
+            found = _open_global(g, parse_any_suite(f.data), ciphers)
             if found is None:
                 return None
             carrier, plain = found
@@ -350,11 +381,12 @@ def _try_open(f: Frame, kind: str, ring: KeyRing, ciphers: _Ciphers) -> Opened |
             sessions = ring.sessions.get(f.meter)
             if not sessions or not g:
                 return None
-            apdu = parse_apdu(f.data)
+            apdu = parse_any_suite(f.data)
+            suite = apdu.security_control & 0x0F
             for s in sessions:
                 for ak in g[KeyType.AK]:
                     try:
-                        plain = open_apdu(ciphers.get(s.key, ak.key), apdu)
+                        plain = open_apdu(ciphers.get(s.key, ak.key, suite), apdu)
                     except ProtocolError:
                         continue
                     return Opened("dc", s, decode_message(plain))

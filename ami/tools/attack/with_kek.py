@@ -49,6 +49,8 @@ from ami.protocol.messages import (
     encode_batch,
     encode_message,
 )
+from ami.protocol import suite1
+from ami.protocol.association import MECHANISM_HLS_ECDSA
 from ami.runtime.network import TSP_TITLE
 from ami.security.vault import bind_to_row, unbind_from_row
 from ami.tools.attack.store import Dump, steal
@@ -187,6 +189,7 @@ async def forge_readings(dump: Dump, vault: Any, keys: Unwrapped, headend_title:
                           encode_message(reading))
         per_segment[stored.concentrator].append((meter, frame))
         forged[meter] = (seq, ts, energy)
+    suite_of = {m.meter: m.suite for m in dump.meters}
     before = Counter(engine.counters)
     for n, (concentrator, items) in enumerate(sorted(per_segment.items())):
         engine.handle_batch(encode_batch(Batch(concentrator, 1_000_000 + n, tuple(items))), now, concentrator)
@@ -199,7 +202,17 @@ async def forge_readings(dump: Dump, vault: Any, keys: Unwrapped, headend_title:
         "readings_stored": engine.counters["readings_stored"] - before["readings_stored"],
         "forged_readings_in_commit": sum(1 for m, (seq, _ts, _e) in forged.items() if (m, seq) in committed),
         "frames_rejected": engine.counters["frames_rejected"] - before["frames_rejected"],
-        "note": "energy index halved in every forged reading",
+        "by_suite": {
+            str(suite): {
+                "meters": sum(1 for s in suite_of.values() if s == suite),
+                "meters_with_stored_session": sum(1 for m in sessions if suite_of.get(m, 0) == suite),
+                "forged_readings_in_commit": sum(
+                    1 for m, (seq, _ts, _e) in forged.items() if suite_of.get(m, 0) == suite and (m, seq) in committed
+                ),
+            }
+            for suite in sorted(set(suite_of.values()))
+        },
+        "note": "energy index halved in every forged reading; suite-1 session keys are never stored",
     }
 
 
@@ -249,42 +262,81 @@ def take_over(victim: Any, *, ccc: bytes, ak: bytes, cc_lan: bytes, headend_titl
     return result
 
 
-def meter_from_store(dump: Dump, keys: Unwrapped, meter: str, headend_title: bytes) -> tuple[Any, int]:
+def meter_from_store(dump: Dump, keys: Unwrapped, meter: str, headend_title: bytes,
+                     headend_sign_public: bytes | None = None) -> tuple[Any, int]:
     """A meter model holding the keys the store says it holds (the attacker's
     belief), with the strictest receive counter compatible with the store:
-    it has seen every CC_LAN counter value the head-end ever reserved."""
+    it has seen every CC_LAN counter value the head-end ever reserved.
+
+    A suite-1 meter also holds its own signing key (not in the store: the
+    model gets a stand-in, which the attack never needs) and the head-end's
+    public key (``headend_sign_public``, from network.json)."""
     from ami.machines.meter import LAN_RECV, Meter, MeterConfig, MeterKeys
 
     row = next(m for m in dump.meters if m.meter == meter)
     tx = max(k.tx_mark for k in dump.keys if k.meter == meter and k.key_type == "cc_lan" and k.state == "active")
     mk = MeterKeys(*(SecretBytes(keys.active(meter, kt)) for kt in
                      (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)))
-    victim = Meter(meter, row.system_title, mk, MeterConfig(headend_title, TSP_TITLE), concentrator=row.concentrator,
-                   marks={LAN_RECV: tx})
+    config = MeterConfig(headend_title, TSP_TITLE, headend_sign_public=headend_sign_public, rng=secrets.token_bytes)
+    signer = suite1.SoftwareSigner.from_scalar(suite1.scalar_from_rng(secrets.token_bytes)) if row.suite else None
+    victim = Meter(meter, row.system_title, mk, config, concentrator=row.concentrator, marks={LAN_RECV: tx},
+                   suite=row.suite, signer=signer)
     return victim, tx
 
 
-def takeover_all(dump: Dump, keys: Unwrapped, headend_title: bytes) -> dict[str, Any]:
-    results = []
+def take_over_suite1(victim: Any, *, headend_title: bytes, ic: int, signer: suite1.Signer | None,
+                     now: float = 0.0) -> dict[str, Any]:
+    """A suite-1 meter: the store's CC_LAN buys nothing (it refuses a suite-0
+    AARQ outright); an AARQ must be signed by the head-end's key.  ``signer``:
+    what the attacker signs with (the head-end's own key if it was found, else
+    a key of its own)."""
+    if not victim.powered:
+        victim.boot(now)
+    attacker = signer or suite1.SoftwareSigner.from_scalar(suite1.scalar_from_rng(secrets.token_bytes))
+    ephemeral = suite1.SoftwareEcdh.from_rng(secrets.token_bytes)
+    ctos, offer = suite1.offer_association(headend_title, victim.title, ic, ephemeral, attacker)
+    out = victim.on_downlink(build_aarq(headend_title, offer, ctos, MECHANISM_HLS_ECDSA), now)
+    aare = parse_aare(out.uplink[-1]) if out.uplink else None
+    return {"aarq_accepted": bool(aare and aare.accepted), "rejected": list(out.rejected),
+            "signed_with_headend_key": signer is not None}
+
+
+def takeover_all(dump: Dump, keys: Unwrapped, headend_title: bytes, *, headend_sign_public: bytes | None = None,
+                 headend_signer: suite1.Signer | None = None) -> dict[str, Any]:
+    results: list[tuple[int, dict[str, Any]]] = []
     for row in dump.meters:
         meter = row.meter
-        victim, ic = meter_from_store(dump, keys, meter, headend_title)
-        results.append(take_over(
+        victim, ic = meter_from_store(dump, keys, meter, headend_title, headend_sign_public)
+        result = take_over(
             victim, ccc=keys.active(meter, KeyType.CCC), ak=keys.active(meter, KeyType.AK),
             cc_lan=keys.active(meter, KeyType.CC_LAN), headend_title=headend_title, ic=ic,
-        ))
+        )
+        if row.suite and headend_sign_public is not None:
+            # The store's keys were refused; now with a signed AARQ.
+            signed = take_over_suite1(victim, headend_title=headend_title, ic=ic + 1, signer=headend_signer)
+            result["suite1_signed_aarq_accepted"] = signed["aarq_accepted"]
+        results.append((row.suite, result))
+
+    def count(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "meters": len(rs),
+            "aarq_accepted": sum(r["aarq_accepted"] or bool(r.get("suite1_signed_aarq_accepted")) for r in rs),
+            "key_transfer_acked": sum(bool(r.get("key_transfer_acked")) for r in rs),
+            "cc_lan_replaced": sum(bool(r.get("meter_cc_lan_is_attackers")) for r in rs),
+            "headend_locked_out": sum(bool(r.get("headend_locked_out")) for r in rs),
+        }
+
     return {
-        "meters": len(results),
-        "aarq_accepted": sum(r["aarq_accepted"] for r in results),
-        "key_transfer_acked": sum(bool(r.get("key_transfer_acked")) for r in results),
-        "cc_lan_replaced": sum(bool(r.get("meter_cc_lan_is_attackers")) for r in results),
-        "headend_locked_out": sum(bool(r.get("headend_locked_out")) for r in results),
+        **count([r for _s, r in results]),
+        "by_suite": {str(s): count([r for rs, r in results if rs == s]) for s in sorted({s for s, _r in results})},
+        "headend_signing_key": "held by the attacker" if headend_signer is not None else "not held",
         "model": "ami.machines.meter.Meter built from the store's keys, LAN receive counter at the stored tx_mark",
     }
 
 
 def with_vault(dump: Dump, vault: Any, frames: list[Frame], *, forge: bool = True,
-               takeover: bool = True) -> tuple[dict[str, Any], TrafficResult, Unwrapped]:
+               takeover: bool = True, headend_sign_public: bytes | None = None,
+               headend_signer: suite1.Signer | None = None) -> tuple[dict[str, Any], TrafficResult, Unwrapped]:
     keys = unwrap_dump(dump, vault)
     ring = keys.ring()
     traffic = decrypt_traffic(frames, ring)
@@ -294,10 +346,14 @@ def with_vault(dump: Dump, vault: Any, frames: list[Frame], *, forge: bool = Tru
         "keys_unwrapped_by_state": dict(sorted(by_state.items())),
         "sessions_unwrapped": len(keys.sessions),
         "traffic": traffic.summary(),
+        "traffic_by_suite": traffic.by_suite({m.meter: m.suite for m in dump.meters}),
+        "sessions_unwrapped_by_suite": dict(sorted(Counter(
+            str(m.suite) for s in keys.sessions for m in dump.meters if m.meter == s.meter).items())),
     }
     title = headend_title_from(frames)
     if forge:
         report["impersonation"] = asyncio.run(forge_readings(dump, vault, keys, title, max_ic_seen(frames)))
     if takeover:
-        report["takeover"] = takeover_all(dump, keys, title)
+        report["takeover"] = takeover_all(dump, keys, title, headend_sign_public=headend_sign_public,
+                                          headend_signer=headend_signer)
     return report, traffic, keys
