@@ -112,8 +112,7 @@ class HeadEndService:
         await self.store.open(writer=True)  # StoreLocked if another head-end runs on it
         imported = await self.store.import_factory(iter_factory_keys(self.data_dir), time.time())
         snapshot = await self.store.load()
-        vault_spec = self.hcfg.get("vault", "file:headend.kek")
-        signer = load_headend_signer(vault_spec, self.data_dir)  # suite 1 only
+        signer = load_headend_signer(self.vault, self.data_dir)  # suite 1 only
         self.engine = HeadEndEngine(
             network.headend_title, Policy.from_config(self.hcfg), lambda: secrets.token_bytes(16), signer
         )

@@ -919,7 +919,6 @@ class HeadEndEngine:
                 self._new_session(m, m.next_serial, key, now)
                 m.next_serial += 1
                 self.counters["associations_superseded"] += 1
-            self.counters["associations_suite1"] += 1
             return
         raise suite1.SignatureInvalid("the AARE answers no recent AARQ of ours")
 
@@ -1052,6 +1051,7 @@ class HeadEndEngine:
         self._assoc(m, AssociationEvent.ANSWERED)
         self._dirty_pending.add(m.meter)
         self.counters["associations"] += 1
+        self.counters[f"associations_suite{m.suite}"] += 1  # the monitor shows both suites side by side
         if pa.reason not in ("boot", "no_session"):
             self.counters["session_renewals"] += 1
         self._campaign_progress(m.meter, "session")

@@ -4,8 +4,8 @@ generated inside the PKCS#11 token (never extractable; signatures made there).
 Only suite-1 networks have one: ``ami provision --suite 1|mixed`` writes the
 file key (0600) and puts its public half in network.json, which meters take
 as the head-end's identity.  With a PKCS#11 vault the key pair lives in the
-token under ``<label>-sign`` (``ami keys headend-signing-key`` creates it and
-prints the public half to install in the meters).
+token under ``<label>-sign`` (``ami keys signing-key --vault pkcs11:...``
+creates it there and writes its public half to network.json for the meters).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from ami.protocol.suite1 import Signer, SoftwareSigner
 
@@ -31,14 +32,20 @@ def write_headend_signing_key(data_dir: Path, scalar: bytes) -> None:
     write_private(Path(data_dir) / HEADEND_SIGN_FILE, scalar.hex().encode() + b"\n")
 
 
-def load_headend_signer(vault_spec: str, data_dir: Path | None) -> Signer | None:
-    """The head-end's signer for its vault, or None on a suite-0-only network."""
-    if vault_spec.startswith("pkcs11:"):
-        from ami.security.vault import open_vault
+def load_headend_signer(vault: Any, data_dir: Path | None, *, create: bool = False) -> Signer | None:
+    """The head-end's signer: from ``vault`` when it keeps keys in a token
+    (``vault.signer``), else the file beside the KEK; None on a network
+    without suite-1 meters (no key anywhere)."""
+    token_signer = getattr(vault, "signer", None)
+    if token_signer is not None:
+        from ami.security.vault import VaultError
 
-        vault = open_vault(vault_spec)
-        signer = getattr(vault, "signer", None)
-        return signer() if signer is not None else None
+        try:
+            return token_signer(create=create)
+        except VaultError:
+            if create:
+                raise
+            return None
     path = Path(data_dir or ".") / HEADEND_SIGN_FILE
     if not path.exists():
         return None

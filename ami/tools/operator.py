@@ -56,11 +56,17 @@ def add_keys_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     handheld = sub.add_parser("handheld", help="load a handheld with its round's CC_LOCALE and AK (central system)")
     add_common_arguments(handheld, config)
     add_load_arguments(handheld)
+    signing = sub.add_parser("signing-key", help="suite 1: the head-end's signing key in its vault (PKCS#11: made "
+                                                 "in the token); its public half goes to network.json for the meters")
+    add_common_arguments(signing, config)
+    signing.add_argument("--vault", default=config.get("headend", {}).get("vault", "file:headend.kek"))
 
 
 def keys_main(args: argparse.Namespace, config: dict) -> int:
     if args.keys_command == "handheld":
         return load_main(args, config)  # runs here, on the central system: not a bus command
+    if args.keys_command == "signing-key":
+        return signing_key_main(args)
     command = {"op": "rotate", "key": args.key, "meters": "all" if args.all else args.meter}
     return asyncio.run(_print_replies(args, command, until_done=not args.no_wait))
 
@@ -74,6 +80,33 @@ async def _print_replies(args: argparse.Namespace, command: dict, *, until_done:
     except TimeoutError:
         print(json.dumps({"error": f"no answer within {args.timeout} s"}))
         return 1
+    return 0
+
+
+def signing_key_main(args: argparse.Namespace) -> int:
+    """Create (PKCS#11: inside the token) or find the head-end's suite-1
+    signing key and write its public half to network.json; meters read it
+    there (restart the fleet after a change)."""
+    from ami.runtime.network import NETWORK_FILE
+    from ami.security.files import write_private
+    from ami.security.signing import load_headend_signer
+    from ami.security.vault import open_vault
+
+    vault = open_vault(args.vault, data_dir=args.data)
+    try:
+        signer = load_headend_signer(vault, args.data, create=True)
+    finally:
+        vault.close()
+    if signer is None:
+        print(json.dumps({"error": "no signing key: provision with --suite 1|mixed, or use a pkcs11: vault"}))
+        return 1
+    path = args.data / NETWORK_FILE
+    network = json.loads(path.read_text())
+    public = signer.public_key_bytes().hex()
+    changed = network.get("headend_sign_public") != public
+    network["headend_sign_public"] = public
+    write_private(path, json.dumps(network, indent=1).encode())
+    print(json.dumps({"headend_sign_public": public, "vault": args.vault, "changed": changed}))
     return 0
 
 

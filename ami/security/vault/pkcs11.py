@@ -224,7 +224,52 @@ class Pkcs11KeyVault(_VaultBase):
         if not self._closed:
             self._worker.call(self._close_on_worker)
 
+    def signer(self, *, create: bool = True) -> Pkcs11Signer:
+        """The head-end's suite-1 signing key (ECDSA P-256), a key pair in the
+        token labelled ``<key label>-sign``: generated there on first use,
+        private half sensitive and never extractable; signatures are made
+        inside the token (ami.protocol.suite1.Signer)."""
+        public = self._worker.call(self._signing_key_on_worker, create)
+        return Pkcs11Signer(self, public)
+
     # -- worker-thread side --
+
+    def _signing_key_on_worker(self, create: bool) -> bytes:
+        from pkcs11 import Attribute, KeyType, MechanismFlag, NoSuchKey, ObjectClass, PKCS11Error
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        self._check_open()
+        session, label = self._login.session, f"{self.key_label}-sign"
+        try:
+            private = session.get_key(object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, label=label)
+            public = session.get_key(object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC, label=label)
+        except NoSuchKey:
+            if not create:
+                raise VaultError(f"{self.name}: no signing key {label!r} on the token") from None
+            try:
+                params = session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True
+                )
+                public, private = params.generate_keypair(
+                    store=True, label=label,
+                    capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                    private_template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                                      Attribute.PRIVATE: True},
+                )
+            except PKCS11Error as exc:
+                raise VaultError(f"{self.name}: signing key generation failed: {type(exc).__name__}") from None
+        if private[Attribute.EXTRACTABLE] or not private[Attribute.SENSITIVE]:
+            raise VaultError(f"{self.name}: signing key is extractable or not sensitive; refusing it")
+        self._sign_key = private
+        # EC_POINT: DER OCTET STRING of 04 || X || Y.
+        return bytes(public[Attribute.EC_POINT])[-64:]
+
+    def _sign_on_worker(self, digest: bytes) -> bytes:
+        from pkcs11 import Mechanism
+
+        self._check_open()
+        # CKM_ECDSA over a SHA-256 digest returns r || s, DLMS's encoding.
+        return bytes(self._sign_key.sign(digest, mechanism=Mechanism.ECDSA))
 
     def _open_on_worker(
         self, lib_path: str, token_label: str, pin: str, key_label: str, create: bool
@@ -384,3 +429,22 @@ def secret_keys_visible_without_login(lib_path: str, token_label: str) -> int:
                 lib.finalize()
 
     return worker.call(run)
+
+
+class Pkcs11Signer:
+    """ami.protocol.suite1.Signer backed by the token (see Pkcs11KeyVault.signer)."""
+
+    def __init__(self, vault: Pkcs11KeyVault, public: bytes) -> None:
+        self._vault = vault
+        self._public = public
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11Signer {self._vault.name}-sign>"
+
+    def sign(self, data: bytes) -> bytes:
+        import hashlib
+
+        return self._vault._worker.call(self._vault._sign_on_worker, hashlib.sha256(bytes(data)).digest())
+
+    def public_key_bytes(self) -> bytes:
+        return self._public

@@ -128,7 +128,7 @@ def compare_report(db: Path, captures: list[Path], data_dir: Path, *, kek: bytes
     with tempfile.TemporaryDirectory(prefix="ami-dump-") as tmp:
         dump = read_dump(steal(db, Path(tmp)))
         suite_of = {m.meter: m.suite for m in dump.meters}
-        signer = None if vault_spec.startswith("pkcs11:") else load_headend_signer(vault_spec, data_dir)
+        signer = None if vault_spec.startswith("pkcs11:") else load_headend_signer(None, data_dir)
         if signer is not None and (kek is not None or vault is not None):
             keys = unwrap_dump(dump, RawKekVault(kek) if kek is not None else vault)
             report["with_headend_signing_key"] = {"takeover": takeover_all(
