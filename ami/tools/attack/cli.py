@@ -157,6 +157,11 @@ def human_summary(report: dict[str, Any]) -> str:
             f"{t['dc_decrypted']}/{t['dc_total']} DC frames decrypted; {t['readings_decrypted']} readings, "
             f"{t['readings_under_superseded_cc_lan']} of them under a CC_LAN since replaced (no forward secrecy)."
         )
+        by_suite = k.get("traffic_by_suite", {})
+        if len(by_suite) > 1:
+            lines.append("by suite (recorded DC frames opened, readings read): " + "; ".join(
+                f"suite {s}: {t['dc_decrypted']}/{t['dc_total']}, {t['readings_decrypted']}"
+                for s, t in sorted(by_suite.items())))
         if "impersonation" in k:
             i = k["impersonation"]
             lines.append(f"impersonation: {i['readings_stored']}/{i['forged_frames']} forged readings accepted by "

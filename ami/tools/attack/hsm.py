@@ -155,7 +155,12 @@ def _live_use(dump: Dump, frames: list[Frame], lib: str, token: str, label: str,
         report, traffic, keys = with_vault(dump, vault, frames, forge=False, takeover=False)
         out["use"] = {"keys_unwrapped": report["keys_unwrapped"],
                       "frames_decrypted": report["traffic"]["frames_decrypted"],
-                      "readings_decrypted": report["traffic"]["readings_decrypted"]}
+                      "readings_decrypted": report["traffic"]["readings_decrypted"],
+                      # Suite 1: the token unwraps every stored key, none of which
+                      # opens a recorded suite-1 session (agreed, never stored).
+                      "by_suite": {s: {"dc_decrypted": t["dc_decrypted"], "dc_total": t["dc_total"],
+                                       "readings_decrypted": t["readings_decrypted"]}
+                                   for s, t in report["traffic_by_suite"].items()}}
     finally:
         vault.close()
     try:
