@@ -315,8 +315,13 @@ def test_hsm_store_theft_without_pin_gives_nothing_and_live_use_is_not_theft(tmp
         spec = f"pkcs11:lib={tok['lib']};token={tok['token']};pin_env=AMI_HSM_PIN;label=ami-kek"
         env = {**ENV, "AMI__HEADEND__VAULT": spec, "AMI_HSM_PIN": str(tok["pin"])}
         # An open broker this time: the capture is the broker operator's view.
-        net = Network(tmp_path, meters=6, concentrators=1, env=env, bus_security=False)
+        # A mixed network: the head-end's suite-1 signing key is made in the
+        # token too, and signs there (ami keys signing-key).
+        net = Network(tmp_path, meters=6, concentrators=1, env=env, bus_security=False, suite="mixed")
         net.provision()
+        signing = subprocess.run(AMI + ["keys", "signing-key", "--data", str(net.data), "--vault", spec],
+                                 cwd=REPO, env=net.env, capture_output=True, text=True, timeout=60)
+        assert signing.returncode == 0 and json.loads(signing.stdout)["changed"], signing.stdout + signing.stderr
         net.start_broker()
         cap_path = tmp_path / "capture.msgpack"
         cap = start_capture(net, cap_path, [])
@@ -324,7 +329,8 @@ def test_hsm_store_theft_without_pin_gives_nothing_and_live_use_is_not_theft(tmp
             net.start("headend", "headend")
             net.start("concentrator", "concentrator")
             net.start("meters", "meters")
-            wait_until(lambda: stored_readings(net) >= 30, 40, what="readings")
+            wait_until(lambda: stored_readings(net) >= 30 and len(net.readings()) == 6, 40,
+                       what="readings from every meter, both suites")
             operator_view = stop_capture(cap)
             codes = net.stop_all()
             assert all(c == 0 for c in codes.values()), codes
@@ -361,6 +367,11 @@ def test_hsm_store_theft_without_pin_gives_nothing_and_live_use_is_not_theft(tmp
     assert live["kek_value_read"] == "AttributeSensitive"
     assert live["kek_export_by_wrapping"] == "KeyUnextractable"
     assert live["use"]["keys_unwrapped"] > 0 and live["use"]["frames_decrypted"] > 0
+    # Suite 1 beside it: every stored key unwrapped, and still no recorded
+    # suite-1 session opens (its keys were agreed, never stored).
+    by_suite = live["use"]["by_suite"]
+    assert by_suite["0"]["dc_total"] > 0 and by_suite["0"]["dc_decrypted"] == by_suite["0"]["dc_total"]
+    assert by_suite["1"]["dc_total"] > 0 and by_suite["1"]["dc_decrypted"] == 0
     # ...and once the access ends the token refuses; the meter keys the
     # attacker had unwrapped (in the head-end's memory) are what remains.
     assert live["after_access_unwrap"] == "refused"
