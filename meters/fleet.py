@@ -66,6 +66,7 @@ class FleetSettings:
     history: int = 2880
     boot_retry_s: float = 5.0  # wall seconds
     boot_spread_s: float | None = None  # wall seconds over which the first boots spread
+    boot_retry_max_s: float = 120.0  # wall seconds: unanswered announcements back off up to this
     ak_grace_s: float = 60.0  # wall seconds
     jitter: float = 0.8
     counter_block: int = 1024
@@ -98,7 +99,8 @@ class FleetSettings:
             "metrics_interval_s": float(monitor.get("metrics_interval_s", 2.0)),
         }
         for name in (
-            "interval_s", "time_compression", "history", "boot_retry_s", "boot_spread_s", "ak_grace_s",
+            "interval_s", "time_compression", "history", "boot_retry_s", "boot_retry_max_s", "boot_spread_s",
+            "ak_grace_s",
             "jitter", "counter_block", "window", "inflight_budget", "max_queue", "cipher_cache", "connect_concurrency",
             "drain_timeout_s", "nvm_synchronous",
         ):
@@ -242,6 +244,7 @@ class Fleet:
             keys = MeterKeys(*(SecretBytes(bytes.fromhex(record[k])) for k in ("ccc", "ak", "cc_lan", "cc_locale")))
             state = states.get(mid)
             if state is not None:
+            boot_retry_max_s=s.boot_retry_max_s * compression,
                 for key_type, key in state.keys.items():
                     keys.set(key_type, key)
             title = network.titles[mid]

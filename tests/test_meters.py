@@ -265,11 +265,23 @@ def test_boot_event_under_cc_lan_after_its_mark() -> None:
     assert len(out.uplink) == 1 and parse_apdu(out.uplink[0]).invocation_counter == 0
     event = rig.headend.open(out.uplink[0])
     assert event == Event("boot", int(T0), "power_on")
-    # Repeated every boot_retry_s until associated, never with a reused IC.
-    assert rig.run(rig.meter.tick(T0 + 30)).uplink == []
-    again = rig.run(rig.meter.tick(T0 + 60)).uplink
-    assert isinstance(rig.headend.open(again[0]), Event)
-    assert rig.meter.next_due == T0 + 120
+    # Repeated until associated, never with a reused IC, backing off: the
+    # n-th wait is boot_retry_s x 2^n (at most boot_retry_max_s), jittered
+    # to 0.5-1.5x by a pure function of (meter, n).
+    waits = []
+    t = T0
+    for n in range(8):
+        nxt = rig.meter.next_due
+        assert rig.run(rig.meter.tick(nxt - 0.001)).uplink == []
+        again = rig.run(rig.meter.tick(nxt)).uplink
+        assert isinstance(rig.headend.open(again[0]), Event)
+        waits.append(nxt - t)
+        t = nxt
+    retry, cap = rig.meter.config.boot_retry_s, rig.meter.config.boot_retry_max_s
+    for n, wait in enumerate(waits):
+        base = min(retry * 2**n, cap)
+        assert 0.5 * base <= wait <= 1.5 * base, (n, wait, base)
+    assert len({round(w / min(retry * 2**n, cap), 6) for n, w in enumerate(waits)}) > 1  # jittered
 
 
 def test_association_then_readings_verified() -> None:
@@ -1007,7 +1019,8 @@ def test_fleet_without_broker_stops_promptly(tmp_path: Path) -> None:
 
     async def main() -> tuple[int, Fleet, float]:
         fleet = Fleet(FleetSettings(broker=f"mqtt://127.0.0.1:{free_port()}", data_dir=data, time_compression=600,
-                                    boot_retry_s=0.05, boot_spread_s=0.01, gc_freeze=False))
+                                    boot_retry_s=0.05, boot_retry_max_s=0.05, boot_spread_s=0.01,
+                                    gc_freeze=False))
         await fleet.setup()
         fleet._link_cap = 5
         stop = asyncio.Event()

@@ -202,6 +202,11 @@ class MeterConfig:
     interval_s: int = 1800
     history: int = 2880
     boot_retry_s: float = 5.0
+    #: Unanswered boot announcements back off: boot_retry_s x 2^attempt, at
+    #: most this long, each jittered to 0.5-1.5x (deterministic per meter and
+    #: attempt: no randomness), so that a region's meters booting together
+    #: while the head-end is down or saturated do not announce in lockstep.
+    boot_retry_max_s: float = 120.0
     ak_grace_s: float = 60.0
     counter_block: int = 1024
     #: Report a global key's counters past this value (counter_threshold event).
@@ -285,6 +290,7 @@ class Meter:
         "pending_events",
         "next_due",
         "thresholds_reported",
+        "announce_attempts",
         "suite",
         "signer",
         "sc",
@@ -336,6 +342,7 @@ class Meter:
         self.pending_events: list[Event] | None = None
         self.next_due = boot_at
         self.thresholds_reported: set[KeyType] = set()
+        self.announce_attempts = 0
         #: Security suite of the LAN side: 0 (AES-GCM, keys transported) or 1
         #: (ECDSA-signed ephemeral ECDH sessions, SC 0x31).  The local port
         #: (handheld) stays suite 0.
@@ -366,6 +373,7 @@ class Meter:
         self.prev_ak = None
         self.last_pushed = -1
         self.boot_detail = detail
+        self.announce_attempts = 0
         out.counters.append("boots")
         self._announce(now, out)
         return out
@@ -596,6 +604,7 @@ class Meter:
             out.counters.append("local_associations")
         else:
             self.session = session
+            self.announce_attempts = 0
             out.counters.append("associations")
             self.last_association = (bytes(data), aare)
             # Push the latest finished interval right away (if not pushed yet).
@@ -623,6 +632,7 @@ class Meter:
         stoc, signature, key = suite1.answer_association(hub, self.title, aarq.challenge, ephemeral, self.signer)
         aare = build_aare(self.title, True, signature, stoc)
         self.session = Session(key, hub, suite=1)
+        self.announce_attempts = 0
         out.counters.append("associations")
         out.counters.append("associations_suite1")
         self.last_association = (bytes(data), aare)
@@ -661,8 +671,7 @@ class Meter:
     def _announce(self, now: float, out: Output) -> None:
         """Event(boot) under CC_LAN (general-glo-ciphering), repeated until associated."""
         event = Event("boot", int(now), self.boot_detail)
-        self.next_announce = now + self.config.boot_retry_s
-        self.next_due = self.next_announce
+        self._schedule_announce(now)
         try:
             ic = self._take(self.lan_send, LAN_SEND, out)
         except CounterExhausted:
@@ -675,8 +684,15 @@ class Meter:
             seal_apdu(cipher, GENERAL_GLO_CIPHERING, self.title, ic, encode_message(event), security_control=self.sc)
         )
         out.counters.append("boot_events")
-        self.next_announce = now + self.config.boot_retry_s
-        self.next_due = self.next_announce
+
+    def _schedule_announce(self, now: float) -> None:
+        """The next announcement: exponential backoff with a jitter that is a
+        pure function of (meter, attempt), so the machine stays deterministic."""
+        c = self.config
+        delay = min(c.boot_retry_s * 2 ** min(self.announce_attempts, 16), max(c.boot_retry_max_s, c.boot_retry_s))
+        jitter = 0.5 + loadcurve.unit(loadcurve.mix64(loadcurve.seed_for(self.title) ^ (self.announce_attempts + 1)))
+        self.announce_attempts += 1
+        self.next_announce = self.next_due = now + delay * jitter
 
     # --- key transfer -------------------------------------------------------------------
 
