@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from ami.protocol import topics
 from ami.protocol.errors import MalformedMessage
 from ami.protocol.frames import MAX_APDU_SIZE  # the frame codec needs no crypto
 from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
-from ami.runtime.bus import make_client
+from ami.runtime import mqtt
+from ami.runtime.budget import TokenBucket
+from ami.runtime.bus import make_fast_client
 from ami.runtime.link import run_link
 from ami.runtime.logs import get_logger
 from ami.runtime.metrics import Metrics, run_monitor
@@ -46,6 +46,9 @@ log = get_logger("concentrator")
 _ITEM_OVERHEAD = 1 + 2 + 5
 #: Room for the batch's own header (version, concentrator id, seq, array32 header).
 _BATCH_HEADROOM = 256
+#: APDU tags of the association, AARQ 0x60 and AARE 0x61 (ami.protocol.association,
+#: not imported: it ciphers).  Not secret: the relay may tell associations from data.
+_AARQ, _AARE = b"\x60", b"\x61"
 _METER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -64,6 +67,7 @@ class RelaySettings:
     max_queue: int = 10_000  # messages queued per relay before its intake waits
     connect_concurrency: int = 50
     drain_timeout_s: float = 5.0
+    control_budget_per_s: float = 100.0  # AARQ/AARE frames per second per relay (0: unlimited)
 
     @classmethod
     def from_config(cls, config: dict, **overrides: Any) -> RelaySettings:
@@ -76,7 +80,7 @@ class RelaySettings:
             "metrics_interval_s": float(config.get("monitor", {}).get("metrics_interval_s", 2.0)),
         }
         for name in ("batch_max_frames", "batch_max_delay_ms", "window", "max_queue", "connect_concurrency",
-                     "drain_timeout_s"):
+                     "drain_timeout_s", "control_budget_per_s"):
             if name in conc:
                 base[name] = conc[name]
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -93,7 +97,7 @@ class Relay:
         self,
         concentrator: str,
         meters: Iterable[str] | None,
-        client: aiomqtt.Client,
+        client: mqtt.Client,
         settings: RelaySettings,
         metrics: Metrics,
     ) -> None:
@@ -111,11 +115,9 @@ class Relay:
         self._timer: asyncio.TimerHandle | None = None
         self.outq: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._window = asyncio.Semaphore(settings.window)
+        self._paused = False
+        self._control = TokenBucket(settings.control_budget_per_s)
         self.inflight = 0
-        self._tasks: set[asyncio.Task] = set()
         self._wan_up = topics.wan_up(concentrator)
         self._wan_down = topics.wan_down(concentrator)
 
@@ -144,13 +146,22 @@ class Relay:
         if self.meters is not None and meter not in self.meters:
             self.metrics.reject("unknown_meter")
             return
+        control = payload[:1] == _AARE
+        if control:
+            # An association answer (the APDU tag is not secret): bounded, and
+            # never left waiting for the batch delay (the head-end's association
+            # timeout is running).  Order is kept: the open batch goes with it.
+            if not self._control.take():
+                self.metrics.incr("control_shed")  # the head-end retransmits its AARQ
+                return
+            self.metrics.incr("control_up")
         size = len(payload) + len(meter) + _ITEM_OVERHEAD
         if self.batch and self.batch_bytes + size > MAX_BATCH_BYTES - _BATCH_HEADROOM:
             self.flush()
         self.batch.append((meter, bytes(payload)))
         self.batch_bytes += size
         self.metrics.incr("frames_up")
-        if len(self.batch) >= self.s.batch_max_frames:
+        if control or len(self.batch) >= self.s.batch_max_frames:
             self.flush()
         elif self._timer is None:
             loop = asyncio.get_running_loop()
@@ -188,6 +199,11 @@ class Relay:
             if len(frame) > MAX_APDU_SIZE:
                 self.metrics.reject("oversized_frame")
                 continue
+            if frame[:1] == _AARQ:
+                if not self._control.take():
+                    self.metrics.incr("control_shed")  # the head-end retransmits it after its timeout
+                    continue
+                self.metrics.incr("control_down")
             self._enqueue(topics.plc_down(self.concentrator, meter), frame)
             self.metrics.incr("frames_down")
 
@@ -196,34 +212,38 @@ class Relay:
     def _enqueue(self, topic: str, payload: bytes) -> None:
         self.outq.append((topic, payload))
         self._wake.set()
-        if len(self.outq) >= self.s.max_queue:
-            self._room.clear()
+        if len(self.outq) >= self.s.max_queue and not self._paused:
+            # Back-pressure on a slow broker: stop reading (TCP does the rest).
+            self._paused = True
+            self.client.pause_reading()
 
     async def _sender(self) -> None:
         """Publish the queue in order, up to ``window`` QoS 1 acks outstanding."""
+        outq, client, qos, window = self.outq, self.client, self.s.qos, self.s.window
+        counters = self.metrics.counters
+
+        def done(error: BaseException | None) -> None:
+            counters["publish_failed" if error is not None else "messages_sent"] += 1
+            self.inflight -= 1
+            if self.inflight == window - 1:
+                self._wake.set()
+
         while True:
-            if not self.outq:
+            if not outq or self.inflight >= window:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            topic, payload = self.outq.popleft()
-            if len(self.outq) < self.s.max_queue // 2:
-                self._room.set()
-            await self._window.acquire()
-            self.inflight += 1
-            task = asyncio.ensure_future(self._publish(topic, payload))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _publish(self, topic: str, payload: bytes) -> None:
-        try:
-            await self.client.publish(topic, payload, qos=self.s.qos)
-            self.metrics.incr("messages_sent")
-        except aiomqtt.MqttError:
-            self.metrics.incr("publish_failed")
-        finally:
-            self.inflight -= 1
-            self._window.release()
+            while outq and self.inflight < window:
+                topic, payload = outq.popleft()
+                self.inflight += 1
+                try:
+                    client.publish_nowait(topic, payload, qos, done)
+                except mqtt.MqttError:
+                    done(mqtt.MqttError("not connected"))
+            if len(outq) < self.s.max_queue // 2 and self._paused:
+                self._paused = False
+                client.resume_reading()
+            await asyncio.sleep(0)
 
     # --- connection ----------------------------------------------------------------------
 
@@ -234,17 +254,16 @@ class Relay:
         await run_link(self.client, self._session, stop=stop, metrics=self.metrics,
                        name=f"relay {self.concentrator}", gate=gate)
 
-    async def _session(self, client: aiomqtt.Client) -> None:
+    async def _session(self, client: mqtt.Client) -> None:
         sender: asyncio.Task | None = None
         try:
+            client.on_message = self.on_message
+            self._paused = False
             await client.subscribe(topics.plc_up_filter(self.concentrator), qos=self.s.qos)
             await client.subscribe(self._wan_down, qos=self.s.qos)
             self.up = True
             sender = asyncio.create_task(self._sender())
-            async for message in client.messages:
-                self.on_message(message.topic.value, message.payload)
-                if not self._room.is_set():
-                    await self._room.wait()  # back-pressure on a slow broker
+            await client.wait_disconnected()
         finally:
             self.up = False
             if sender is not None:
@@ -280,9 +299,8 @@ class RelayProcess:
         s = self.s
         self.relays = []
         for c in self.chosen:
-            client = make_client(s.broker, user=f"relay-{c}", data_dir=s.data_dir, max_inflight=s.window)
-            # aiomqtt warns (per publish) beyond this many pending calls; we bound them ourselves.
-            client.pending_calls_threshold = s.window + 16
+            # The hot path's client (ami.runtime.mqtt): a fraction of aiomqtt's CPU per message.
+            client = make_fast_client(s.broker, user=f"relay-{c}", data_dir=s.data_dir)
             self.relays.append(Relay(c, self.segments[c], client, s, self.metrics))
 
     def refresh(self) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from ami.protocol import topics
+from ami.runtime import mqtt
 from ami.security.bus_files import BusIdentityMissing, bus_mode, read_identity
 
 
@@ -146,6 +147,22 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
+#: broker list -> connections made so far: each new connection (a reconnect)
+#: takes the next URL of a comma-separated ``--broker`` (cluster failover).
+_ROTATION: dict[str, int] = {}
+
+
+def pick_broker(broker: str) -> BrokerUrl:
+    """``mqtt://a:1,mqtt://b:2,...``: the next URL in turn (the first one first);
+    a single URL: that one.  The nodes of a cluster (``ami cluster``) are given so."""
+    urls = [u.strip() for u in broker.split(",") if u.strip()]
+    if len(urls) <= 1:
+        return parse_broker_url(broker)
+    n = _ROTATION.get(broker, 0)
+    _ROTATION[broker] = n + 1
+    return parse_broker_url(urls[n % len(urls)])
+
+
 def make_client(
     broker: str | BrokerUrl,
     *,
@@ -160,7 +177,7 @@ def make_client(
     ``user=None`` asks for an anonymous connection; otherwise see
     `load_credentials` (never a silent anonymous fallback).
     """
-    url = broker if isinstance(broker, BrokerUrl) else parse_broker_url(broker)
+    url = broker if isinstance(broker, BrokerUrl) else pick_broker(broker)
     credentials = load_credentials(data_dir, user)
     username, password = credentials if credentials else (None, None)
     tls_context = None
@@ -189,6 +206,31 @@ def make_client(
     # aiomqtt warns past 10 concurrent publishes; we pipeline hundreds on purpose.
     client.pending_calls_threshold = 100_000
     return client
+
+
+def make_fast_client(
+    broker: str | BrokerUrl,
+    *,
+    user: str | None,
+    data_dir: Path | None = None,
+    identifier: str | None = None,
+    status_topic: str | None = None,
+) -> mqtt.Client:
+    """The hot paths' client (``ami.runtime.mqtt``: fleet segments, relays, head-end),
+    with the same identity, TLS, Last Will and client-id rules as `make_client`."""
+    url = broker if isinstance(broker, BrokerUrl) else pick_broker(broker)
+    credentials = load_credentials(data_dir, user)
+    username, password = credentials if credentials else (None, None)
+    tls_context = None
+    if url.tls:
+        ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
+        tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
+    will = mqtt.Will(status_topic, b"offline", 1, True) if status_topic else None
+    return mqtt.Client(
+        url.host, url.port, username=username, password=password,
+        identifier=f"{identifier or user or 'anon'}-{secrets.token_hex(8)}", will=will, keepalive=30,
+        tls_context=tls_context, timeout=30,
+    )
 
 
 async def publish_all(
@@ -223,18 +265,21 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 async def wait_for_broker(broker: str, *, timeout: float = 30.0) -> None:
-    """Wait until the broker's TCP port accepts connections (Procfile start-up order)."""
-    url = parse_broker_url(broker)
+    """Wait until the broker's TCP port accepts connections (Procfile start-up order);
+    of a comma-separated list, any one of them."""
+    urls = [parse_broker_url(u) for u in broker.split(",") if u.strip()] or [parse_broker_url(broker)]
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        try:
-            _reader, writer = await asyncio.open_connection(url.host, url.port)
-            writer.close()
-            return
-        except OSError:
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+        for url in urls:
+            try:
+                _reader, writer = await asyncio.open_connection(url.host, url.port)
+                writer.close()
+                return
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline and url is urls[-1]:
+                    raise
+        await asyncio.sleep(0.2)
 
 
-__all__ = ["BrokerUrl", "Client", "free_port", "port_open", "parse_broker_url", "load_credentials", "BusIdentityMissing", "make_client", "publish_all", "wait_for_broker", "topics"]
+__all__ = ["BrokerUrl", "Client", "free_port", "port_open", "parse_broker_url", "load_credentials", "BusIdentityMissing", "make_client",
+           "make_fast_client", "pick_broker", "publish_all", "wait_for_broker", "topics"]

@@ -15,6 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+#: The realistic topology: France has ~35 million meters behind ~800,000 concentrators.
+METERS_PER_CONCENTRATOR = 50
+
 
 def _positive(kind):
     def parse(text: str):
@@ -44,13 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     load = parser.add_argument_group("load (emqtt-bench / wrk2 style)")
     load.add_argument("--meters", type=_positive(int), default=1000, help="meters provisioned (the fleet)")
-    load.add_argument("--concentrators", type=_positive(int), default=10,
-                      help="concentrators (relays; one MQTT connection per PLC segment on each side)")
+    load.add_argument("--concentrators", type=_positive(int), default=None,
+                      help="concentrators (relays; one MQTT connection per PLC segment on each side); default: "
+                           f"one per {METERS_PER_CONCENTRATOR} meters, the realistic topology")
     load.add_argument("--rate", type=_positive(float), default=1000.0,
                       help="target frames/s (readings), constant-rate schedule")
     load.add_argument("--duration", type=_positive(float), default=30.0, help="measurement window (s)")
     load.add_argument("--ramp-up", type=_non_negative, default=5.0,
                       help="meters boot spread over this long (s); the window opens after it, once all are associated")
+    load.add_argument("--mass-boot", action="store_true",
+                      help="every meter boots at the same instant and the window opens at once: readings flow "
+                           "while the boot storm is absorbed (a region after a power cut)")
+    load.add_argument("--find-capacity", action="store_true",
+                      help="search the highest constant rate holding --max-p99-ms (default 250), 0 lost, 0 rejected: "
+                           "runs of --duration s, starting at --rate; --report/--plot describe the steps")
+    load.add_argument("--capacity-precision", type=_positive(float), default=0.1,
+                      help="--find-capacity stops when the bracket is narrower than this fraction")
     load.add_argument("--qos", type=int, choices=[0, 1, 2], default=int(config.get("bus", {}).get("qos", 1)))
     load.add_argument("--payload-size", type=_positive(int),
                       help="bytes per PLC uplink frame: readings are padded up to it (default: their natural size)")
@@ -74,7 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     topo.add_argument("--sample-interval", type=_positive(float), default=1.0,
                       help="metrics interval of every service and of the report series (s)")
     topo.add_argument("--drain", type=_non_negative, default=30.0,
-                      help="after the fleet stops, wait at most this long for the head-end to store what was pushed")
+                      help="after the window the load drops to a tenth (gap-fill recovers what could not flow live) "
+                           "for at most this long, then the fleet stops and the head-end gets as long again to store "
+                           "what was pushed")
+    topo.add_argument("--no-recover", dest="recover", action="store_false",
+                      help="stop the fleet right after the window (no low-load recovery phase)")
     topo.add_argument("--settle-max", type=_non_negative, default=120.0,
                       help="after the ramp-up, wait at most this long for every meter to associate")
     topo.add_argument("--storm-timeout", type=_non_negative, default=300.0,
@@ -98,6 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
 def options_from_args(args: argparse.Namespace):
     from ami.tools.loadtest.run import Options
 
+    if args.concentrators is None:
+        args.concentrators = max(1, args.meters // METERS_PER_CONCENTRATOR)
     if args.concentrators > args.meters:
         raise SystemExit("--concentrators cannot exceed --meters")
     if args.fleet_processes > args.concentrators or args.relay_processes > args.concentrators:
@@ -128,6 +146,8 @@ def options_from_args(args: argparse.Namespace):
         config_file=getattr(args, "config_file", None),
         live=not args.quiet,
         profile=args.profile,
+        mass_boot=args.mass_boot,
+        recover=args.recover,
     )
 
 
@@ -138,6 +158,10 @@ def main(args: argparse.Namespace, config: dict) -> int:
     from ami.tools.loadtest.run import LoadTest, LoadTestError
 
     console = Console(stderr=True)
+    if args.find_capacity:
+        from ami.tools.loadtest.capacity import find_capacity_main
+
+        return find_capacity_main(args, console, options_from_args)
     options = options_from_args(args)
     test = LoadTest(options, console=console)
     test.thresholds = {"min_fps": args.min_fps, "max_p99_ms": args.max_p99_ms, "max_loss": args.max_loss}

@@ -332,6 +332,12 @@ def summary_table(report: Mapping[str, Any]):
     if s:
         rows.append(("renewal storm", f"{s.get('renewed')} / {s.get('total')} renewed in {s.get('elapsed_s')} s, "
                                       f"failed {s.get('failed')}, rejected {s.get('rejected_during')}"))
+    if "recovery_s" in report:
+        rows.append(("recovery (load / 10 -> all stored, no gap)",
+                     "not within --drain" if report["recovery_s"] is None else f"{report['recovery_s']} s"))
+    shed = {k: v for k, v in (report.get("control") or {}).items() if v}
+    if shed:
+        rows.append(("budgets (deferred / shed)", ", ".join(f"{k} {v:,}" for k, v in sorted(shed.items()))))
     if report["headend"].get("cold_start_s") is not None:
         rows.append(("head-end cold start", f"{report['headend']['cold_start_s']} s"))
     m = report.get("machine", {})
@@ -343,9 +349,11 @@ def summary_table(report: Mapping[str, Any]):
     for k, v in rows:
         main.add_row(k, v)
     procs = Table(title="processes", show_header=True)
-    for col in ("process", "phase", "pid", "CPU s", "CPU avg %", "CPU max %", "RSS max"):
+    for col in ("process", "phase", "pid", "CPU s", "CPU avg %", "CPU max %", "CPU us/frame", "RSS max"):
         procs.add_column(col, justify="right" if col not in ("process", "phase") else "left")
     for p in report["processes"]:
+        per_frame = p.get("cpu_us_per_frame")
         procs.add_row(p["name"], p.get("phase", ""), str(p.get("pid")), f"{p.get('cpu_s', 0):.1f}",
-                      f"{p.get('cpu_avg_pct', 0):.0f}", f"{p.get('cpu_max_pct', 0):.0f}", _mb(p.get("rss_max_bytes")))
+                      f"{p.get('cpu_avg_pct', 0):.0f}", f"{p.get('cpu_max_pct', 0):.0f}",
+                      "" if per_frame is None else f"{per_frame:.0f}", _mb(p.get("rss_max_bytes")))
     return Group(main, procs)

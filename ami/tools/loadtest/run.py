@@ -133,6 +133,8 @@ class Options:
     config_file: str | None = None  # the caller's configuration file, handed to every service as $AMI_CONFIG
     live: bool = True
     profile: str | None = None  # "headend", "fleet", "relays", "all": py-spy record each (needs py-spy)
+    mass_boot: bool = False  # every meter boots at the same instant; the window opens at once (no settling)
+    recover: bool = True  # drain: slow the fleet to a tenth (SIGUSR1) until gap-fill caught up, then stop it
 
 
 @dataclass(slots=True)
@@ -239,6 +241,7 @@ class LoadTest:
         self.relay_ids: list[str] = []
         self.headend_id = f"{self.tag}-headend"
         self.thresholds: dict[str, float | None] = {}
+        self.recovery_s: float | None = None
         self._stopping: set[str] = set()
         self._bare_pub_ids: list[str] = []
         self._bare_sub_ids: list[str] = []
@@ -581,8 +584,8 @@ class LoadTest:
         # Boots spread over the ramp-up; a meter re-announces only after 30 s
         # (not 5): under a boot storm a re-announcement while the head-end is
         # still associating only adds work.  --set overrides both.
-        env = self._env({"AMI__METERS__BOOT_SPREAD_S": str(max(o.ramp_up, 0.0)), "AMI__METERS__BOOT_RETRY_S": "30",
-                         **o.env})
+        spread = 0.0 if o.mass_boot else max(o.ramp_up, 0.0)
+        env = self._env({"AMI__METERS__BOOT_SPREAD_S": str(spread), "AMI__METERS__BOOT_RETRY_S": "30", **o.env})
         fleets = []
         for i, ident in enumerate(self.fleet_ids, 1):
             shard = ["--shard", f"{i}/{o.fleet_processes}"] if o.fleet_processes > 1 else []
@@ -597,17 +600,18 @@ class LoadTest:
         self._wait(fleets_up, o.start_timeout, "the fleet to connect")
         fleet_ready = time.time()
         self.phase = "pipeline:ramp-up"
-        self._sleep_until(fleet_ready + o.ramp_up)
+        if not o.mass_boot:  # a mass boot: the window opens while every meter is still associating
+            self._sleep_until(fleet_ready + o.ramp_up)
 
         def associated() -> bool:
             return col.latest("headend", self.headend_id).get("gauges", {}).get("sessions", 0) >= o.meters
 
-        deadline = time.time() + o.settle_max
+        deadline = time.time() + (0.0 if o.mass_boot else o.settle_max)
         while not associated() and time.time() < deadline:
             self._check_alive()
             self._tick()
             time.sleep(0.1)
-        if not associated():
+        if not associated() and not o.mass_boot:
             sessions = col.latest("headend", self.headend_id).get("gauges", {}).get("sessions", 0)
             self.notes.append(f"only {sessions} of {o.meters} meters associated {o.settle_max:.0f} s after the "
                               f"ramp-up: the window opened anyway")
@@ -624,8 +628,10 @@ class LoadTest:
                 self._tick()
                 storm.poll()
                 time.sleep(0.1)
-        # --- stop the fleet, drain, stop the rest ---
+        # --- the load drops, gap-fill recovers, stop the fleet, drain, stop the rest ---
         self.phase = "pipeline:drain"
+        if o.recover:
+            self._recover(fleets, o.drain)
         pushed = 0
         fleet_rejected: dict[str, int] = defaultdict(int)
         for c, ident in zip(fleets, self.fleet_ids):
@@ -681,6 +687,64 @@ class LoadTest:
             "final": final,
         }
 
+    #: Control traffic and every budget/deferral, summed per component (report["control"]).
+    CONTROL_COUNTERS = {
+        "meters": ("boot_events", "boots_deferred", "gap_fill_replies", "gap_fill_replies_shed",
+                   "gap_fill_frames_shed", "aarq_repeated", "frames_dropped", "publish_failed"),
+        "concentrator": ("control_up", "control_down", "control_shed", "publish_failed"),
+        "headend": ("aarq_sent", "aarq_retransmitted", "association_timeouts", "associations_queued",
+                    "associations_rate_limited", "gap_fill_requests", "readings_gap_filled", "inbox_dropped"),
+    }
+
+    def _control_counters(self) -> dict[str, int]:
+        col = self.collector
+        out: dict[str, int] = {}
+        if col is None:
+            return out
+        idents = {"meters": self.fleet_ids, "concentrator": self.relay_ids, "headend": [self.headend_id]}
+        for component, names in self.CONTROL_COUNTERS.items():
+            prefix = {"meters": "fleet", "concentrator": "relays", "headend": "headend"}[component]
+            for ident in idents[component]:
+                counters = col.latest(component, ident).get("counters", {})
+                for name in names:
+                    key = f"{prefix}.{name}"
+                    out[key] = out.get(key, 0) + int(counters.get(name, 0) or 0)
+        return out
+
+    def _recover(self, fleets: list[Child], timeout: float) -> None:
+        """The load drops: every fleet runs ten times slower (SIGUSR1), so its meters
+        keep reporting and what could not flow live (shed, deferred, dropped in a
+        full inbox) comes back by gap-fill.  Wait until the head-end stored every
+        reading pushed so far and has no gap left, at most ``timeout``."""
+        col = self.collector
+        assert col is not None
+        # Down to at most max(500, meters / 10) readings/s: low enough for any
+        # broker here, high enough that every meter reports again within ~10 s.
+        signals, rate = 0, self.o.rate
+        while signals == 0 or rate > max(500.0, self.o.meters / 10):
+            rate /= 10
+            signals += 1
+        for _ in range(signals):
+            for c in fleets:
+                if c.proc is not None and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.05)
+        t0 = time.time()
+        deadline = t0 + timeout
+        while time.time() < deadline:
+            self._check_alive()
+            self._tick()
+            head = col.latest("headend", self.headend_id)
+            pushed = sum(col.latest("meters", i).get("counters", {}).get("readings_pushed", 0) for i in self.fleet_ids)
+            stored = head.get("counters", {}).get("readings_stored", 0)
+            gaps = head.get("gauges", {}).get("meters_with_gaps", 1)
+            if stored >= pushed and gaps == 0 and time.time() - t0 > 2 * self.o.sample_interval:
+                self.recovery_s = round(time.time() - t0, 1)
+                return
+            time.sleep(0.2)
+        self.recovery_s = None
+        self.notes.append(f"recovery: gap-fill had not caught up {timeout:.0f} s after the load dropped")
+
     # --- the whole run ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -718,7 +782,8 @@ class LoadTest:
             "env": {k: v for k, v in {**o.env}.items()},
             "command": " ".join(sys.argv),
         }
-        return reportlib.build_report(
+        config["mass_boot"] = o.mass_boot
+        report = reportlib.build_report(
             config=config,
             window=window,
             headend=pipe["headend"],
@@ -731,6 +796,16 @@ class LoadTest:
             thresholds=self.thresholds,
             notes=self.notes,
         )
+        # Seconds from the load dropping (fleet slowed to a tenth) to every pushed
+        # reading stored with no gap left; None: not within --drain.
+        report["recovery_s"] = self.recovery_s
+        report["control"] = self._control_counters()
+        accepted = report["throughput"].get("accepted_fps") or 0.0
+        for proc in report["processes"]:
+            # CPU per accepted reading (us): what each component costs per frame.
+            proc["cpu_us_per_frame"] = (round(proc["cpu_avg_pct"] * 1e4 / accepted, 1)
+                                        if accepted and proc.get("phase") != "bare" else None)
+        return report
 
     def _host_load(self, window) -> dict[str, Any]:
         """CPU of the whole host during the window, ours and everyone else's
