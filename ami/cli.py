@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tsp": ("ami.tools.tsp", "local handheld session with one meter over CC_LOCALE"),
     "loadtest": ("ami.tools.loadtest.cli", "measure the whole pipeline under load"),
     "attack": ("ami.tools.attack.cli", "attacker's view: capture traffic, break a stolen store, HSM case"),
+    "cluster": ("ami.tools.cluster", "a local RabbitMQ cluster for the clustered head-end (up/down/status)"),
+    "headend-worker": ("headend.worker_cli", "run one clustered head-end worker (RabbitMQ cluster + PostgreSQL)"),
     "config": ("ami.tools.config", "print the effective configuration and where each value comes from"),
 }
 

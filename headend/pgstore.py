@@ -444,14 +444,20 @@ class PostgresStore:
         pool = self._require_pool()
         if self._fenced or self._owner is None:
             raise Fenced(self._fenced or f"store {self!r} was opened read-only (open(writer=True) to write)")
+        prepared = await self._prepare(batch)
+        async with self._write_lock, pool.acquire() as conn, conn.transaction():
+            await self._fence(conn)
+            await self._apply(conn, batch, prepared)
+
+    async def _prepare(self, batch: Commit) -> tuple[list, list, list]:
+        """Wrap (possibly HSM round trips) and build every statement's
+        arguments before the transaction opens: it stays as short as
+        possible, and a failed wrap writes nothing."""
         to_wrap = [(k.key, key_identity(k.meter, k.key_type.value, k.version)) for k in batch.keys
                    if k.key is not None] + [
             (s.key, session_identity(s.meter, s.serial)) for s in batch.sessions if s.key is not None and not s.deleted
         ]
         wrapped = iter(await asyncio.to_thread(self._wrap_all, to_wrap) if to_wrap else ())
-        # Wrap (possibly HSM round trips) and build every statement's
-        # arguments before the transaction opens: it stays as short as
-        # possible, and a failed wrap writes nothing.
         key_ops = [
             (
                 _UPSERT_KEY,
@@ -475,14 +481,17 @@ class PostgresStore:
             for s in batch.sessions
         ]
         meter_args = [(m.high_seq, msgpack.packb(m.gaps) if m.gaps else None, m.meter) for m in batch.meters]
-        async with self._write_lock, pool.acquire() as conn, conn.transaction():
-            await self._fence(conn)
-            if batch.readings:
-                await self._insert_readings(conn, batch.readings)
-            await _run_in_order(conn, key_ops)
-            await _run_in_order(conn, session_ops)
-            if meter_args:
-                await conn.executemany(_UPDATE_METER, meter_args)
+        return key_ops, session_ops, meter_args
+
+    async def _apply(self, conn: asyncpg.Connection, batch: Commit, prepared: tuple[list, list, list]) -> None:
+        """The rows of one Commit, inside the caller's (fenced) transaction."""
+        key_ops, session_ops, meter_args = prepared
+        if batch.readings:
+            await self._insert_readings(conn, batch.readings)
+        await _run_in_order(conn, key_ops)
+        await _run_in_order(conn, session_ops)
+        if meter_args:
+            await conn.executemany(_UPDATE_METER, meter_args)
 
     def _wrap_all(self, keys: list[tuple[bytes, bytes]]) -> list[bytes]:
         wrap = self.vault.wrap
