@@ -75,10 +75,10 @@ def stop_capture(proc: subprocess.Popen) -> dict:
 # the run: capture spanning a CC_LAN reprogramming, then the stolen store
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("attack")
-    net = Network(tmp, meters=METERS, concentrators=CONCENTRATORS, env=ENV)
+def captured_run(tmp: Path, *, suite: str = "0") -> tuple[Network, Path, dict, int]:
+    """A network run under capture, every CC_LAN reprogrammed half-way;
+    (network, capture file, capture summary, readings stored before the rotation)."""
+    net = Network(tmp, meters=METERS, concentrators=CONCENTRATORS, env=ENV, suite=suite)
     net.provision()
     net.start_broker()
     cap_path = tmp / "capture.msgpack"
@@ -112,6 +112,13 @@ def run(tmp_path_factory):
             cap.kill()
         net.kill_all()
         raise
+    return net, cap_path, capture_summary, before_rotation
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attack")
+    net, cap_path, capture_summary, before_rotation = captured_run(tmp)
     data = net.data
     proc = subprocess.run(
         ATTACK + ["store", "--store", str(data / "headend.db"), "--capture", str(cap_path),

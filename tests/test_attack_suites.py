@@ -14,55 +14,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import AMI, REPO, Network, wait_until  # noqa: E402
-from test_attack import ATTACK, start_capture, stop_capture, stored_readings  # noqa: E402
+from harness import REPO  # noqa: E402
+from test_attack import ATTACK, METERS, captured_run  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
-ENV = {
-    "AMI__METERS__TIME_COMPRESSION": "1800",
-    "AMI__HEADEND__SESSION_MAX_FRAMES": "4",
-}
-METERS, CONCENTRATORS = 20, 2
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("attack-suites")
-    net = Network(tmp, meters=METERS, concentrators=CONCENTRATORS, env=ENV, suite="mixed")
-    net.provision()
-    net.start_broker()
-    cap_path = tmp / "capture.msgpack"
-    cap = start_capture(net, cap_path, [f"relay-c{n:04d}" for n in range(1, CONCENTRATORS + 1)])
-    try:
-        net.start("headend", "headend")
-        net.start("concentrator", "concentrator")
-        net.start("meters", "meters")
-        wait_until(lambda: stored_readings(net) >= 3 * METERS, 40, what="readings before the rotation")
-        rotate = subprocess.run(
-            AMI + ["keys", "rotate", "--all", "--key", "cc_lan", "--broker", net.broker, "--data", str(net.data),
-                   "--timeout", "40"],
-            cwd=REPO, env=net.env, capture_output=True, text=True, timeout=60,
-        )
-        assert rotate.returncode == 0, rotate.stdout + rotate.stderr
-        n = stored_readings(net)
-        wait_until(lambda: stored_readings(net) >= n + 3 * METERS, 40, what="readings after the rotation")
-        assert net.stop("meters") == 0
-        time.sleep(1.0)
-        stop_capture(cap)
-        codes = net.stop_all()
-        assert all(c == 0 for c in codes.values()), codes
-    except BaseException:
-        cap.kill()
-        net.kill_all()
-        raise
+    net, cap_path, _summary, _before = captured_run(tmp_path_factory.mktemp("attack-suites"), suite="mixed")
     out = subprocess.run(
         ATTACK + ["compare", "--store", str(net.data / "headend.db"), "--capture", str(cap_path),
                   "--kek", str(net.data / "headend.kek"), "--data", str(net.data)],
