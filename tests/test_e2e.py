@@ -155,7 +155,7 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
             lan = dict(db.execute(
                 "SELECT state, sum(tx_mark > 0 AND rx_lowest > 0) FROM keys WHERE key_type = 'cc_lan' GROUP BY state"
             ).fetchall())
-            assert lan["expired"] == 200 and lan["active"] >= 20, lan
+            assert lan["expired"] == 200 and lan["active"] >= 5, lan  # (suite-1 AAREs are not under CC_LAN)
         nvm_files = list((net.data / "meters").glob("*.db"))
         assert nvm_files
         rows = used = 0
