@@ -317,7 +317,29 @@ class EcdhAgreement(Protocol):
         ...
 
 
-class SoftwareSigner:
+class _SoftwareKey:
+    """A P-256 private key in memory, and its public half as 64 bytes."""
+
+    __slots__ = ("_key", "_public")
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
+        if not isinstance(private_key.curve, ec.SECP256R1):
+            raise ValueError("suite 1 keys are P-256")
+        self._key = private_key
+        self._public = encode_public_key(private_key.public_key())
+
+    @classmethod
+    def from_scalar(cls, scalar: bytes):  # noqa: ANN206 (the subclass)
+        return cls(private_key_from_scalar(scalar))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+    def public_key_bytes(self) -> bytes:
+        return self._public
+
+
+class SoftwareSigner(_SoftwareKey):
     """A ``Signer`` over an in-memory ``cryptography`` private key.
 
     Deterministic ECDSA (RFC 6979): the nonce comes from the key and the
@@ -325,60 +347,28 @@ class SoftwareSigner:
     key through a repeated nonce, and signatures are reproducible in tests.
     """
 
-    __slots__ = ("_key", "_public")
-
-    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
-        if not isinstance(private_key.curve, ec.SECP256R1):
-            raise ValueError("suite 1 keys are P-256")
-        self._key = private_key
-        self._public = encode_public_key(private_key.public_key())
-
-    @classmethod
-    def from_scalar(cls, scalar: bytes) -> SoftwareSigner:
-        return cls(private_key_from_scalar(scalar))
-
-    def __repr__(self) -> str:
-        return "<SoftwareSigner>"
+    __slots__ = ()
 
     def sign(self, data: bytes) -> bytes:
         return encode_signature(self._key.sign(bytes(data), _ecdsa(True)))
 
-    def public_key_bytes(self) -> bytes:
-        return self._public
 
-
-class SoftwareEcdh:
+class SoftwareEcdh(_SoftwareKey):
     """An ``EcdhAgreement`` over an in-memory private key.
 
     For an ephemeral key build one per key agreement with ``from_rng`` and
     drop it right after ``exchange``: forward secrecy rests on that.
     """
 
-    __slots__ = ("_key", "_public")
-
-    def __init__(self, private_key: ec.EllipticCurvePrivateKey) -> None:
-        if not isinstance(private_key.curve, ec.SECP256R1):
-            raise ValueError("suite 1 keys are P-256")
-        self._key = private_key
-        self._public = encode_public_key(private_key.public_key())
-
-    @classmethod
-    def from_scalar(cls, scalar: bytes) -> SoftwareEcdh:
-        return cls(private_key_from_scalar(scalar))
+    __slots__ = ()
 
     @classmethod
     def from_rng(cls, rng: Callable[[int], bytes]) -> SoftwareEcdh:
         """A fresh (ephemeral) key from the caller's random source."""
         return cls.from_scalar(scalar_from_rng(rng))
 
-    def __repr__(self) -> str:
-        return "<SoftwareEcdh>"
-
     def exchange(self, peer_public: bytes) -> bytes:
         return SecretBytes(self._key.exchange(ec.ECDH(), decode_public_key(peer_public)))
-
-    def public_key_bytes(self) -> bytes:
-        return self._public
 
 
 def sign(signer: Signer, data: bytes) -> bytes:

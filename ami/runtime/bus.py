@@ -163,6 +163,24 @@ def pick_broker(broker: str) -> BrokerUrl:
     return parse_broker_url(urls[n % len(urls)])
 
 
+def _connection(
+    broker: str | BrokerUrl, user: str | None, data_dir: Path | None, identifier: str | None
+) -> tuple[BrokerUrl, str | None, str | None, ssl.SSLContext | None, str]:
+    """What both clients need: the URL, this identity's credentials (never a
+    silent anonymous fallback), TLS, and a client id that cannot be guessed."""
+    url = broker if isinstance(broker, BrokerUrl) else pick_broker(broker)
+    credentials = load_credentials(data_dir, user)
+    username, password = credentials if credentials else (None, None)
+    tls_context = None
+    if url.tls:
+        ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
+        tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
+    # Two clients with one id kick each other off the broker, and whoever can
+    # predict an id can aim at that session: keep the readable name, add 64
+    # random bits (not the pid, which the retained metrics publish).
+    return url, username, password, tls_context, f"{identifier or user or 'anon'}-{secrets.token_hex(8)}"
+
+
 def make_client(
     broker: str | BrokerUrl,
     *,
@@ -177,18 +195,8 @@ def make_client(
     ``user=None`` asks for an anonymous connection; otherwise see
     `load_credentials` (never a silent anonymous fallback).
     """
-    url = broker if isinstance(broker, BrokerUrl) else pick_broker(broker)
-    credentials = load_credentials(data_dir, user)
-    username, password = credentials if credentials else (None, None)
-    tls_context = None
-    if url.tls:
-        ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
-        tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
+    url, username, password, tls_context, identifier = _connection(broker, user, data_dir, identifier)
     will = aiomqtt.Will(status_topic, b"offline", qos=1, retain=True) if status_topic else None
-    # Two clients with one id kick each other off the broker, and whoever can
-    # predict an id can aim at that session: keep the readable name, add 64
-    # random bits (not the pid, which the retained metrics publish).
-    identifier = f"{identifier or user or 'anon'}-{secrets.token_hex(8)}"
     client = Client(
         url.host,
         url.port,
@@ -218,17 +226,10 @@ def make_fast_client(
 ) -> mqtt.Client:
     """The hot paths' client (``ami.runtime.mqtt``: fleet segments, relays, head-end),
     with the same identity, TLS, Last Will and client-id rules as `make_client`."""
-    url = broker if isinstance(broker, BrokerUrl) else pick_broker(broker)
-    credentials = load_credentials(data_dir, user)
-    username, password = credentials if credentials else (None, None)
-    tls_context = None
-    if url.tls:
-        ca = Path(data_dir) / "bus" / "ca.pem" if data_dir else None
-        tls_context = ssl.create_default_context(cafile=str(ca) if ca and ca.exists() else None)
+    url, username, password, tls_context, identifier = _connection(broker, user, data_dir, identifier)
     will = mqtt.Will(status_topic, b"offline", 1, True) if status_topic else None
     return mqtt.Client(
-        url.host, url.port, username=username, password=password,
-        identifier=f"{identifier or user or 'anon'}-{secrets.token_hex(8)}", will=will, keepalive=30,
+        url.host, url.port, username=username, password=password, identifier=identifier, will=will, keepalive=30,
         tls_context=tls_context, timeout=30,
     )
 
