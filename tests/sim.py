@@ -85,6 +85,7 @@ from ami.machines.headend import HeadEndEngine, Policy
 from ami.machines.headend_records import Commit, KeyRow, MeterRow, SessionRow, Snapshot
 from ami.machines import loadcurve
 from ami.machines.meter import (
+    ASSOC_RECV,
     LAN_RECV,
     LAN_SEND,
     CipherCache,
@@ -767,7 +768,8 @@ class Sim:
         conc = self.conc_of[mid]
         for data in out.uplink:  # 2. then the frames
             w, key = self.classify("up", mid, conc, data)
-            if w.kind in ("aare", "aare_s1") and after_aarq_ic is not None and nvm.marks.get(LAN_RECV, 0) <= after_aarq_ic:
+            slot = ASSOC_RECV if w.kind == "aare_s1" else LAN_RECV
+            if w.kind in ("aare", "aare_s1") and after_aarq_ic is not None and nvm.marks.get(slot, 0) <= after_aarq_ic:
                 self.violations.append(f"{mid} accepted AARQ IC {after_aarq_ic} before persisting its receive mark")
             self._put_on_wire(w, key)
 

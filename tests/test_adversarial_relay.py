@@ -26,7 +26,7 @@ import os
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ami.machines.handshakes import AssociationState, TransferState
@@ -150,6 +150,12 @@ def converges(sim: Sim) -> None:
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Found by the long run (seed 20261202): a suite-1 AARQ counted under the old
+# CC_LAN's counter reached a meter that had already taken the new CC_LAN, and
+# lifted its floor above the new counter's values: every later AARQ a
+# "replay".  Suite-1 AARQs now have a counter of their own on both sides.
+@example(seed=0, schedule=[("restart_headend", False), ("rotate", "cc_lan", "m000001"),
+                           ("meddle", None, 0.0, 0.0, 0.0, 0.5), ("step", 35.0)], suites="1")
 @given(seed=st.integers(0, 2**32 - 1), schedule=st.lists(action, min_size=1, max_size=40),
        suites=st.sampled_from(["0", "mixed", "1"]))
 def test_no_adversarial_schedule_desynchronises_keys_or_reuses_an_iv(

@@ -369,7 +369,8 @@ class HeadEndEngine:
         for k in snapshot.keys:
             m = self.meters[k.meter]
             tx_mark = k.tx_mark
-            if k.key_type is KeyType.CC_LAN:
+            if k.key_type in (KeyType.CC_LAN, KeyType.CCC):
+                # (CCC: its counter numbers suite-1 AARQs, see _aarq_counter_key.)
                 # A store restored from a backup, or a copy, holds send marks
                 # behind what was really used: jump past every value the IC
                 # clock allowed before now (Policy.cc_lan_ic_per_s).
@@ -793,9 +794,16 @@ class HeadEndEngine:
             return
         self._admit(m, now, reason)
 
+    def _aarq_counter_key(self, m: MeterState, version: int) -> GlobalKey:
+        """Whose send counter numbers an AARQ: in suite 0 the CC_LAN version it
+        is ciphered under; in suite 1 (signed, ciphered under nothing) the
+        CCC's, which no key change resets on either side (the meter checks
+        it against a receive counter of its own, ``assoc_recv``)."""
+        return m.key(KeyType.CCC) if m.suite else m.keys[KeyType.CC_LAN][version]
+
     def _admit(self, m: MeterState, now: float, reason: str) -> None:
         order = m.slots[KeyType.CC_LAN].try_order()
-        wait = self._ic_clock_wait(m.keys[KeyType.CC_LAN][order[0]], now)
+        wait = self._ic_clock_wait(self._aarq_counter_key(m, order[0]), now)
         if wait > 0:
             self.counters["aarq_held_by_ic_clock"] += 1
             heapq.heappush(self._later, (now + wait, m.meter, reason))
@@ -840,7 +848,7 @@ class HeadEndEngine:
             # keep the last few so its traffic still proves it.
             pa.offered = (pa.offered + [pa.session_key])[-3:]
             pa.session_key = SecretBytes(self._new_key())
-        gk = m.keys[KeyType.CC_LAN][pa.version]
+        gk = self._aarq_counter_key(m, pa.version)
         pa.sent_at = now
         wait = self._ic_clock_wait(gk, now)
         if wait > 0 or gk.tx.next_value >= IC_LIMIT:
@@ -849,7 +857,7 @@ class HeadEndEngine:
             pa.frame = b""
             pa.held_until = now + wait if wait > 0 else math.inf
             self.counters["aarq_held_by_ic_clock"] += 1
-            if gk.tx.next_value >= self.policy.global_renew_at_ic:
+            if gk.tx.next_value >= self.policy.global_renew_at_ic and not m.suite:
                 self._counter_renewal(m, KeyType.CC_LAN, now)
             return
         pa.held_until = 0.0
@@ -858,9 +866,10 @@ class HeadEndEngine:
             # (ceiling + 1) lies above every value this store ever reserved.
             mark = min(gk.tx.next_reservation(), self._ic_ceiling(gk.created, now) + 1)
             gk.tx.confirm_reservation(mark)
-        self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
         if m.suite:
+            self._dirty_keys.add((m.meter, KeyType.CCC, gk.version))
             return self._send_suite1_aarq(m, pa, gk, now)
+        self._dirty_keys.add((m.meter, KeyType.CC_LAN, pa.version))
         pa.challenge = self._new_key()[:CHALLENGE_LEN]
         m.attempt_seq += 1
         m.attempts = (m.attempts + [Attempt(m.attempt_seq, pa.challenge, pa.session_key, pa.version)])[-4:]
@@ -870,7 +879,7 @@ class HeadEndEngine:
         self._dirty_pending.add(m.meter)  # its key is durable before the AARQ leaves
         self._send(m, pa.frame)
         self.counters["aarq_sent"] += 1
-        if gk.tx.next_value >= self.policy.global_renew_at_ic:
+        if gk.tx.next_value >= self.policy.global_renew_at_ic and not m.suite:
             self._counter_renewal(m, KeyType.CC_LAN, now)
 
     def _send_suite1_aarq(self, m: MeterState, pa: PendingAssociation, gk: GlobalKey, now: float) -> None:

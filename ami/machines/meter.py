@@ -91,7 +91,11 @@ LAN_SEND = "lan_send"  # meter -> head-end under CC_LAN (boot events, AARE)
 LAN_RECV = "lan_recv"  # head-end -> meter under CC_LAN (AARQ)
 LOCALE_SEND = "locale_send"  # meter -> handheld under CC_LOCALE (AARE)
 LOCALE_RECV = "locale_recv"  # handheld -> meter under CC_LOCALE (AARQ)
-COUNTER_SLOTS = (LAN_SEND, LAN_RECV, LOCALE_SEND, LOCALE_RECV)
+#: Suite 1: the head-end's AARQ counter (signed, not ciphered: bound to no
+#: key, so it must not restart when CC_LAN changes: an AARQ counted under the
+#: old CC_LAN's numbering could otherwise lift the floor above the new one's).
+ASSOC_RECV = "assoc_recv"
+COUNTER_SLOTS = (LAN_SEND, LAN_RECV, LOCALE_SEND, LOCALE_RECV, ASSOC_RECV)
 #: The counters that restart at 0 when a key is replaced.  The AK has none:
 #: it only enters the GCM AAD, so the IV space of the encryption key goes on.
 KEY_COUNTERS: dict[KeyType, tuple[str, str]] = {
@@ -275,6 +279,7 @@ class Meter:
         "push_offset",
         "lan_send",
         "lan_recv",
+        "assoc_recv",
         "locale_send",
         "locale_recv",
         "session",
@@ -325,6 +330,7 @@ class Meter:
         block = config.counter_block
         self.lan_send = SendCounter(marks.get(LAN_SEND, 0), block=block)
         self.lan_recv = ReceiveCounter(marks.get(LAN_RECV, 0))
+        self.assoc_recv = ReceiveCounter(marks.get(ASSOC_RECV, 0))
         self.locale_send = SendCounter(marks.get(LOCALE_SEND, 0), block=block)
         self.locale_recv = ReceiveCounter(marks.get(LOCALE_RECV, 0))
         self.session: Session | None = None
@@ -621,10 +627,10 @@ class Meter:
             raise MalformedFrame("suite-1 AARQ without its ephemeral key")
         hub = self.config.headend_title
         ic = suite1.read_offer(self.config.headend_sign_public, hub, self.title, aarq.challenge, aarq.initiate_apdu)
-        self.lan_recv.check(ic)
+        self.assoc_recv.check(ic)
         # Authentic and fresh: move the counter (durable before the AARE leaves).
-        self.lan_recv.accept(ic)
-        out.persist.append(CounterMark(LAN_RECV, self.lan_recv.lowest_acceptable))
+        self.assoc_recv.accept(ic)
+        out.persist.append(CounterMark(ASSOC_RECV, self.assoc_recv.lowest_acceptable))
         rng = self.config.rng
         if rng is None:
             raise ValueError("a suite-1 meter needs a random source (MeterConfig.rng)")
