@@ -360,9 +360,13 @@ class Worker:
         rejected = Counter({k: v for k, v in rejected.items() if v > 0})
         if not (group or commit or outbox or rejected):
             return
+        n = 0
         if group:
+            # This group's number, kept locally: other partitions' groups run
+            # concurrently and move self._commits while this one awaits.
             self._commits += 1
-            if self._crash_before and self._commits == self._crash_before:
+            n = self._commits
+            if self._crash_before and n == self._crash_before:
                 log.warning("crash_hook_before_commit", worker=self.ident, partition=part.index)
                 os.kill(os.getpid(), signal.SIGKILL)
         ids = await self.store.commit_partition(part.index, part.epoch, self.owner, commit, fresh, outbox,
@@ -370,7 +374,7 @@ class Worker:
         self.counters["commits"] += 1
         self.counters["readings_stored"] += len(commit.readings)
         self.counters["messages"] += len(group)
-        if group and self._crash_after and self._commits == self._crash_after:
+        if group and self._crash_after and n == self._crash_after:
             log.warning("crash_hook_after_commit", worker=self.ident, partition=part.index)
             os.kill(os.getpid(), signal.SIGKILL)
         if outbox:

@@ -199,9 +199,9 @@ def test_chaos_workers_and_a_node_die(cluster, database, tmp_path):
     net.provision()
     workers = Workers(net, cluster, database)
     # worker i connects first to node i+1: worker1 sits on node 2, the node stopped below.
-    workers.start(0, AMI_WORKER_CRASH_AFTER_COMMIT="150")  # dies between commit and ack
+    workers.start(0, AMI_WORKER_CRASH_AFTER_COMMIT="60")  # dies between commit and ack
     workers.start(1)
-    workers.start(2, AMI_WORKER_CRASH_BEFORE_COMMIT="250")  # dies in the middle of a batch
+    workers.start(2, AMI_WORKER_CRASH_BEFORE_COMMIT="100")  # dies in the middle of a batch
     first = cluster.nodes[0].mqtt
     capture = Collector("127.0.0.1", first, topics=("ami/v1/plc/+/up/+", "ami/v1/plc/+/down/+"))
     try:
@@ -209,9 +209,9 @@ def test_chaos_workers_and_a_node_die(cluster, database, tmp_path):
         net.start("concentrator", "concentrator")
         time.sleep(1.0)
         net.start("meters", "meters")
-        wait_until(lambda: workers.procs[0].poll() is not None, 120, what="worker 0 crash after commit")
+        wait_until(lambda: workers.procs[0].poll() is not None, 240, what="worker 0 crash after commit")
         assert workers.procs[0].returncode == -signal.SIGKILL
-        wait_until(lambda: workers.procs[2].poll() is not None, 120, what="worker 2 crash before commit")
+        wait_until(lambda: workers.procs[2].poll() is not None, 240, what="worker 2 crash before commit")
         assert workers.procs[2].returncode == -signal.SIGKILL
         workers.start(0)
         workers.start(2)
@@ -220,6 +220,11 @@ def test_chaos_workers_and_a_node_die(cluster, database, tmp_path):
         time.sleep(8.0)
         cluster.start_app(2)
         time.sleep(6.0)
+        # Every relay back and every meter's stream flowing again (a relay that
+        # was on the stopped node reconnects with backoff; until it does, its
+        # meters' newest readings are missing at the end, which no hole shows).
+        wait_until(lambda: _psql("SELECT max(high_seq) - min(high_seq) <= 3 FROM meters", db).strip() == "t",
+                   120, what="every meter's readings arriving again")
         # Settle: gap-fill closes what was in flight at each failure.
         wait_until(lambda: _holes(db) == 0 and int(_psql(
             "SELECT count(*) FROM meters WHERE gaps IS NOT NULL", db) or 0) == 0, 60, what="no holes")

@@ -194,18 +194,22 @@ def test_uplink_batches_by_count_then_time(network) -> None:
         wan = f"{R}/wan/c0001/up"
         wait_for(lambda: sum(len(decode_batch(p).frames) for _, p in bus.seen.get(wan, [])) == 12)
         batches = [(t, decode_batch(p)) for t, p in bus.seen[wan]]
-        assert [len(b.frames) for _, b in batches] == [5, 5, 2]  # two count flushes, one time flush
+        # Count flushes (5 frames) and a time flush for the rest.  On a loaded
+        # machine the 400 ms delay may flush a batch before the publisher has
+        # sent 5 more: then the cut falls elsewhere, but never above 5.
+        sizes = [len(b.frames) for _, b in batches]
+        assert sizes[0] == 5 and all(1 <= n <= 5 for n in sizes) and sizes[-1] < 5, sizes
         assert [f for _, b in batches for f in b.frames] == sent  # byte-identical, in order
         assert all(b.concentrator == "c0001" for _, b in batches)
-        assert batches[0][1].seq < batches[1][1].seq < batches[2][1].seq
-        assert batches[1][0] - published < 0.35  # did not wait for the timer
-        assert batches[2][0] - published >= 0.35  # waited for it
+        assert [b.seq for _, b in batches] == sorted({b.seq for _, b in batches})
+        assert batches[0][0] - published < 0.35  # a count flush did not wait for the timer
+        assert batches[-1][0] - published >= 0.35  # the remainder waited for it
         assert f"{R}/wan/c0002/up" not in bus.seen
         # A frame above MAX_APDU_SIZE is dropped and counted; the relay goes on.
         plc.publish(f"{R}/plc/c0001/up/{meters[0]}", os.urandom(MAX_APDU_SIZE + 1), qos=1)
         plc.publish(f"{R}/plc/c0001/up/{meters[1]}", b"\xdb after", qos=1)
         wait_for(lambda: decode_batch(bus.seen[wan][-1][1]).frames == ((meters[1], b"\xdb after"),))
-        wait_for(lambda: last_metrics(bus)["counters"]["batches_up"] == 4)
+        wait_for(lambda: last_metrics(bus)["counters"]["batches_up"] == len(batches) + 1)
         snap = last_metrics(bus)
         assert snap["counters"]["frames_up"] == 13 and snap["rejected"]["oversized_frame"] == 1
     finally:

@@ -144,7 +144,7 @@ def test_a_flooded_inbox_loses_no_reading_for_good() -> None:
     flood = _Flood(room=1)
     sim = Sim(8, 4, network=flood)
     sim.run(6 * sim.interval_s, dt=5.0)
-    assert flood.dropped > 20
+    assert flood.dropped > 10  # (19 since the meters back off their boot announcements)
     assert sim.reading_problems()  # the flood did leave holes...
     flood.on = False
     sim.settle()
