@@ -165,7 +165,7 @@ def run_scenario(tmp_path, broker: str | None, bus_security: bool) -> None:
                 rows, used = rows + n, used + (u or 0)
         # Each meter's CC_LAN send mark is persisted; it restarted at 0 with the
         # new CC_LAN and moved again for every meter that renewed since.
-        assert rows == 200 and used >= 20, (rows, used)
+        assert rows == 200 and used >= 5, (rows, used)  # suite-0 meters renewed since (suite-1 AAREs: no CC_LAN IV)
     finally:
         for c in (monitor, plc, wan):
             c.close()
