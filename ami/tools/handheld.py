@@ -43,7 +43,6 @@ import fcntl
 import json
 import os
 import secrets
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ami.protocol.counters import IC_LIMIT, SendCounter
 from ami.protocol.keys import KeyType, SecretBytes
 from ami.runtime.network import load_network
-from ami.security.files import fsync_dir, private_dir, write_private
+from ami.security.files import SecretFileError, create_secret_file, private_dir, read_secret_file, write_private
 
 HANDHELD_DIR = "tsp"
 KEK_FILE = "handheld.kek"
@@ -127,17 +126,10 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_kek(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o077:
-            raise HandheldError(f"handheld KEK {path} must be a regular file of mode 0600 (chmod 600 {path})")
-        kek = os.read(fd, KEK_LEN + 1)
-    finally:
-        os.close(fd)
-    if len(kek) != KEK_LEN:
-        raise HandheldError(f"handheld KEK {path} is not {KEK_LEN} raw bytes")
-    return kek
+        return read_secret_file(path, KEK_LEN, "handheld KEK")
+    except SecretFileError as exc:
+        raise HandheldError(str(exc)) from None
 
 
 def handheld_kek(folder: Path, *, create: bool) -> bytes:
@@ -149,20 +141,7 @@ def handheld_kek(folder: Path, *, create: bool) -> bytes:
         if not create:
             raise NotLoaded(f"no handheld key material in {folder}: load it with `ami keys handheld`") from None
     private_dir(folder)
-    tmp = folder / f".{KEK_FILE}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(KEK_LEN))
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)  # never overwrites a KEK that keys.json depends on
-        fsync_dir(folder)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
+    create_secret_file(path, KEK_LEN)  # never overwrites a KEK that keys.json depends on
     return _read_kek(path)
 
 

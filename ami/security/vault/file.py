@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import secrets
-import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from ami.security.files import fsync_dir
+from ami.security.files import SecretFileError, create_secret_file, read_secret_file
 from ami.security.vault._common import (
     _INTEGRITY_FAILED,
     KEK_LEN,
@@ -89,64 +87,15 @@ def _load_or_create_kek(path: Path, create: bool) -> bytes:
 
 
 def _read_kek(path: Path) -> bytes:
-    # Symlinks are followed on purpose (Kubernetes mounts secrets through
-    # them); the checks below are made on the file actually opened.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise VaultError(f"cannot open KEK file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # fstat on the open fd: no check/use race
-        if not stat.S_ISREG(st.st_mode):
-            raise VaultError(f"KEK file {path} is not a regular file")
-        mode = stat.S_IMODE(st.st_mode)
-        if mode & 0o077:
-            # Same rule as ssh: group/other access means someone else may have
-            # read (or replaced) the KEK, so refuse rather than carry on.
-            raise VaultError(
-                f"KEK file {path} has mode {mode:04o}: it must not be accessible "
-                f"by group or others (chmod 600 {path})"
-            )
-        if st.st_size != KEK_LEN:
-            # Exactly 16 bytes: a hex text file or a truncated write is refused
-            # instead of being silently used as a different key.
-            raise VaultError(
-                f"KEK file {path} is {st.st_size} bytes, expected {KEK_LEN} raw bytes"
-            )
-        kek = os.read(fd, KEK_LEN + 1)
-    finally:
-        os.close(fd)
-    if len(kek) != KEK_LEN:
-        raise VaultError(f"KEK file {path} changed size while being read")
-    return kek
+        return read_secret_file(path, KEK_LEN, "KEK file")
+    except SecretFileError as exc:
+        raise VaultError(str(exc)) from None
 
 
 def _create_kek(path: Path) -> None:
-    """Write a fresh KEK so that no reader can ever see a partial file.
-
-    The bytes go to a private temp file (O_CREAT|O_EXCL, 0600), are fsynced,
-    then published with link(), which fails if the KEK already exists: two
-    head-ends starting at once agree on one KEK instead of overwriting.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # in case the umask stripped owner bits
-        os.write(fd, secrets.token_bytes(KEK_LEN))
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process won the race: use its KEK
-        fsync_dir(path.parent)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        tmp.unlink(missing_ok=True)
+    """A fresh KEK, written so that no reader ever sees a partial file and
+    two head-ends starting at once agree on one KEK (files.create_secret_file)."""
+    create_secret_file(path, KEK_LEN)
 
 
