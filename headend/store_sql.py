@@ -256,18 +256,17 @@ def unwrap_rows(store: Any, raw_keys: list, raw_sessions: list) -> list[bytes]:
         session_identity(m, serial) for m, serial, *_r in raw_sessions
     ]
     blobs = [bytes(r[4]) for r in raw_keys] + [bytes(r[2]) for r in raw_sessions]
-    try:
-        return store.vault.unwrap_many(blobs, identities)
-    except VaultError as exc:
-        store.unwrap_failures += 1
-        log.error("store_key_unwrap_failed", store=repr(store), reason=getattr(exc, "reason", "vault_error"),
-                  error=str(exc))
-        raise
+    return _counted(store, lambda: store.vault.unwrap_many(blobs, identities))
 
 
 def unwrap_one(store: Any, wrapped: bytes, identity: bytes) -> bytes:
+    return _counted(store, lambda: store.vault.unwrap(wrapped, identity))
+
+
+def _counted(store: Any, unwrap: Any) -> Any:
+    """Run ``unwrap()``; a failure is counted and logged by identity only, then raised."""
     try:
-        return store.vault.unwrap(wrapped, identity)
+        return unwrap()
     except VaultError as exc:
         store.unwrap_failures += 1
         log.error("store_key_unwrap_failed", store=repr(store), reason=getattr(exc, "reason", "vault_error"),
