@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import time
@@ -236,6 +235,10 @@ def test_chaos_workers_and_a_node_die(cluster, database, tmp_path):
         assert net.stop("concentrator") == 0
         with capture.lock:
             frames = list(dict.fromkeys(p for _t, p, _r in capture.messages))
+            uplink = [p for t, p, _r in capture.messages if "/up/" in t]
+        # MQTT QoS 1 is at-least-once: a publish whose PUBACK died with the
+        # stopped node is sent again, and the copy reaches the head-end.
+        delivered_twice = len(uplink) - len(set(uplink))
         factory = {r["meter"]: r for r in map(json.loads, (net.data / "factory-keys.jsonl").read_text().splitlines())}
         network = json.loads((net.data / "network.json").read_text())
         result = audit(frames, factory, bytes.fromhex(network["headend_system_title"]))
@@ -262,8 +265,14 @@ def test_chaos_workers_and_a_node_die(cluster, database, tmp_path):
     assert total == distinct and total >= 3000
     assert _holes(db) == 0
     assert int(_psql("SELECT count(DISTINCT meter) FROM readings", db)) == 300
-    # 2. No rejection at all: no genuine frame refused, no replay, no counter out of order.
-    assert _psql("SELECT reason, sum(n) FROM cluster_rejections GROUP BY reason", db).strip() == ""
+    # 2. No genuine frame refused, no counter out of order.
+    # The only refusals allowed are DLMS replays of frames the transport
+    # delivered twice (the copy of an accepted frame, counted, state unchanged);
+    # nothing else, and no more of them than copies seen on the wire.
+    rejections = dict(r.split("|") for r in _psql(
+        "SELECT reason, sum(n) FROM cluster_rejections GROUP BY reason", db).split())
+    assert set(rejections) <= {"replay"}, rejections
+    assert int(rejections.get("replay", 0)) <= delivered_twice, (rejections, delivered_twice)
     # 3. The commit-then-crash path ran: a redelivered batch recognised by its digest.
     redelivered = int(_psql("SELECT count(*) FROM cluster_redeliveries", db))
     assert redelivered >= 1
