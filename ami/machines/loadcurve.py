@@ -27,13 +27,15 @@ interval_s`` W; voltage is 230 V with a small daily swing and hash noise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ami.protocol.messages import Reading
 
 _MASK = (1 << 64) - 1
 _DAY = 86400
 _TAU = 2.0 * math.pi
+_TAU2 = 2.0 * _TAU
+_sin = math.sin
 
 
 def mix64(x: int) -> int:
@@ -68,17 +70,29 @@ class Profile:
     p1: float
     a2: float  # twice-daily harmonic (the two peaks)
     p2: float
+    # Terms of shape_integral that depend on the meter only, computed once
+    # (every reading needs two points of S): the same expressions, so the
+    # same floats, as computing them on each call.
+    _c1: float = field(init=False, repr=False, compare=False)
+    _c2: float = field(init=False, repr=False, compare=False)
+    _s1: float = field(init=False, repr=False, compare=False)
+    _s2: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        init = object.__setattr__  # frozen: set the derived slots once, here
+        init(self, "_c1", self.a1 / _TAU)
+        init(self, "_c2", self.a2 / (2.0 * _TAU))
+        init(self, "_s1", math.sin(-_TAU * self.p1))
+        init(self, "_s2", math.sin(-2.0 * _TAU * self.p2))
 
     def shape_integral(self, t: int) -> float:
         """S(t): integral of the daily shape from 0 to t seconds, in days."""
         days, rest = divmod(t, _DAY)
         x = rest / _DAY
-        c1 = self.a1 / _TAU
-        c2 = self.a2 / (2.0 * _TAU)
         part = (
             x
-            + c1 * (math.sin(_TAU * (x - self.p1)) - math.sin(-_TAU * self.p1))
-            + c2 * (math.sin(2.0 * _TAU * (x - self.p2)) - math.sin(-2.0 * _TAU * self.p2))
+            + self._c1 * (_sin(_TAU * (x - self.p1)) - self._s1)
+            + self._c2 * (_sin(_TAU2 * (x - self.p2)) - self._s2)
         )
         # Rounding can push S(1-) a hair above 1; never above the next midnight.
         return days + min(part, 1.0)
@@ -104,8 +118,38 @@ def profile(seed: int, interval_s: int) -> Profile:
     )
 
 
+# Terms that depend on the interval (or time) only, the same for every meter:
+# a fleet pushes the same k, at the same ts, for thousands of meters in a row,
+# so these small memos turn two of the four 64-bit hashes of a reading and
+# its cosine into dictionary hits.  Pure functions of their argument, so the
+# memos are invisible (and bounded: emptied when full).
+_MEMO_MAX = 1024
+_k_terms: dict[int, int] = {}
+_t_terms: dict[int, tuple[int, int]] = {}
+
+
+def _mix_k(k: int) -> int:
+    value = _k_terms.get(k)
+    if value is None:
+        if len(_k_terms) >= _MEMO_MAX:
+            _k_terms.clear()
+        value = _k_terms[k] = mix64(k & _MASK)
+    return value
+
+
+def _time_terms(t: int) -> tuple[int, int]:
+    """(daily voltage swing, hash of t) for voltage_dv."""
+    terms = _t_terms.get(t)
+    if terms is None:
+        if len(_t_terms) >= _MEMO_MAX:
+            _t_terms.clear()
+        x = (t % _DAY) / _DAY
+        terms = _t_terms[t] = (round(12.0 * math.cos(_TAU * (x - 0.15))), mix64(t & _MASK))
+    return terms
+
+
 def _noise(p: Profile, k: int) -> int:
-    return mix64(p.seed ^ mix64(k & _MASK)) % p.noise
+    return mix64(p.seed ^ _mix_k(k)) % p.noise
 
 
 def energy_wh(p: Profile, k: int) -> int:
@@ -116,19 +160,37 @@ def energy_wh(p: Profile, k: int) -> int:
 
 def voltage_dv(p: Profile, t: int) -> int:
     """Decivolts around 2300: +-12 daily swing (low at the evening peak) +-28 noise."""
-    x = (t % _DAY) / _DAY
-    swing = round(12.0 * math.cos(_TAU * (x - 0.15)))
-    noise = int(mix64(p.seed ^ 0x5EED ^ mix64(t & _MASK)) % 57) - 28
+    swing, mixed_t = _time_terms(t)
+    noise = int(mix64(p.seed ^ 0x5EED ^ mixed_t) % 57) - 28
     return 2300 + swing + noise
 
 
-def reading(p: Profile, k: int, sealed_ns: int | None = None) -> Reading:
-    """The load-curve point of interval k (regenerable at any time)."""
+def point(p: Profile, k: int, prev_energy: int | None = None) -> tuple[int, int, int, int, int]:
+    """The fields of ``reading(p, k)``: (seq, ts, energy_wh, power_w, voltage_dv).
+
+    ``prev_energy``: ``energy_wh(p, k - 1)`` when the caller already has it
+    (the previous reading's index): it saves half the work."""
     e = energy_wh(p, k)
-    e_prev = energy_wh(p, k - 1)
+    e_prev = energy_wh(p, k - 1) if prev_energy is None else prev_energy
     ts = (k + 1) * p.interval_s
-    power = (e - e_prev) * 3600 // p.interval_s
-    return Reading(seq=k, ts=ts, energy_wh=e, power_w=power, voltage_dv=voltage_dv(p, ts), sealed_ns=sealed_ns)
+    return k, ts, e, (e - e_prev) * 3600 // p.interval_s, voltage_dv(p, ts)
+
+
+def reading(p: Profile, k: int, sealed_ns: int | None = None, *, prev_energy: int | None = None) -> Reading:
+    """The load-curve point of interval k (regenerable at any time)."""
+    seq, ts, e, power, voltage = point(p, k, prev_energy)
+    return Reading(seq=seq, ts=ts, energy_wh=e, power_w=power, voltage_dv=voltage, sealed_ns=sealed_ns)
+
+
+def readings(p: Profile, first: int, last: int) -> list[Reading]:
+    """``[reading(p, k) for k in range(first, last + 1)]``, each index computed once."""
+    out: list[Reading] = []
+    prev = energy_wh(p, first - 1) if first <= last else 0
+    for k in range(first, last + 1):
+        r = reading(p, k, prev_energy=prev)
+        prev = r.energy_wh
+        out.append(r)
+    return out
 
 
 def instant(p: Profile, now: float) -> Reading:
