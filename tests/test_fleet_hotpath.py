@@ -23,7 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ami.machines import loadcurve
-from ami.machines.meter import LAN_SEND, CipherCache, Meter, MeterConfig, MeterKeys, Session, encode_reading
+from ami.machines.meter import LAN_SEND, CipherCache, Meter, MeterConfig, MeterKeys, Session
+from ami.protocol.messages import encode_reading
 from ami.protocol import SecretBytes, Suite0Cipher, encode_message, parse_apdu, seal_apdu
 from ami.protocol import suite1
 from ami.protocol.frames import GENERAL_DED_CIPHERING, GENERAL_GLO_CIPHERING

@@ -40,6 +40,7 @@ __all__ = [
     "decode_message",
     "encode_batch",
     "encode_message",
+    "encode_reading",
 ]
 
 VERSION = 1
@@ -196,6 +197,23 @@ def _str(m: dict, key: str, *, default: str | None = None, limit: int = 256) -> 
     if not isinstance(value, str) or len(value) > limit:
         raise MalformedMessage(f"field {key!r} must be a short string")
     return value
+
+
+def encode_reading(
+    seq: int, ts: int, energy_wh: int, power_w: int, voltage_dv: int, sealed_ns: int | None, pad: int = 0
+) -> bytes:
+    """``encode_message(Reading(seq, ts, energy_wh, power_w, voltage_dv, sealed_ns), pad=pad)``,
+    byte for byte, without building the Reading and its map twice: a pushed
+    reading is the one message sent per interval by every meter.  The keys
+    and their order are those of ``Reading.to_map`` (tests/test_fleet_hotpath.py
+    compares the two on random readings)."""
+    m: dict[str, object] = {"t": "rd", "q": seq, "ts": ts, "e": energy_wh, "p": power_w, "u": voltage_dv}
+    if sealed_ns is not None:
+        m["t0"] = sealed_ns
+    if pad:
+        m["pad"] = bytes(pad)
+    m["v"] = VERSION
+    return msgpack.packb(m, use_bin_type=True)
 
 
 def encode_message(msg: Message, *, pad: int = 0) -> bytes:
