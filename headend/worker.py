@@ -27,6 +27,22 @@ their timers, commits everything in **one** fenced transaction
 group.  Never a requeue: on any error the partition's channel is closed and
 its unacked messages go back, in order, to the next active consumer.
 
+Metrics: every ``[monitor] metrics_interval_s`` the worker publishes the
+snapshot a single head-end publishes (``ami/v1/monitor/headend/<id>/metrics``:
+counters summed over its engines, ``readings_stored`` as committed, rejections,
+gauges, the HDR latency histogram of the interval) to ``amq.topic`` with the
+topic's routing key, on a channel of its own without confirms and under a
+timeout: MQTT subscribers (``ami monitor``, ``ami loadtest``) get it through
+the cluster's MQTT plugin, and a metrics publish never waits in, or fails,
+the commit/ack path.
+
+Pruning: every ``[cluster] prune_interval_s`` the worker deletes, for the
+partitions it owns, the ``cluster_batches`` digests and ``cluster_redeliveries``
+rows older than ``[cluster] digest_retention_s`` (default 24 h: longer than a
+message can wait in a partition queue short of every worker being down that
+long; see docs/scale-out.md), counted as ``digests_pruned`` /
+``redeliveries_pruned``.
+
 Crash hooks for the chaos test (environment): ``AMI_WORKER_CRASH_AFTER_COMMIT=N``
 SIGKILLs the worker after its N-th commit of consumed messages, before the
 ack; ``AMI_WORKER_CRASH_BEFORE_COMMIT=N`` before that commit.
@@ -35,6 +51,7 @@ ack; ``AMI_WORKER_CRASH_BEFORE_COMMIT=N`` before that commit.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -47,7 +64,8 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from hdrh.histogram import HdrHistogram
 
 from ami.machines.headend import HeadEndEngine, Policy
 from ami.machines.headend_records import Commit
@@ -55,7 +73,7 @@ from ami.protocol import topics
 from ami.protocol.keys import KeyType
 from ami.protocol.messages import Batch, encode_batch
 from ami.runtime.logs import get_logger
-from ami.runtime.metrics import event_payload
+from ami.runtime.metrics import Metrics, event_payload
 from ami.runtime.network import iter_factory_keys, load_network
 from ami.security.vault import open_vault
 from headend.store_sql import Fenced, lease_owner
@@ -71,6 +89,16 @@ DOWNLINK_BATCH = 500
 MAX_COMMAND_BYTES = 64 * 1024
 GROUP_MAX = 200  # messages per transaction
 CAMPAIGN_TTL_S = 24 * 3600  # rotations re-applied by a new owner for this long
+LATENCY_MAX_US = 600_000_000  # 10 minutes, as headend/service.py
+#: Digests of committed messages kept this long (``[cluster] digest_retention_s``):
+#: longer than a committed-but-unacked message (or a QoS 1 copy of one) can wait
+#: in a partition queue before a worker consumes it, i.e. than every worker of a
+#: partition being down.  Past it, such a message is refused as a DLMS replay
+#: by the committed counter marks (counted, never stored twice, never lost).
+DIGEST_RETENTION_S = 24 * 3600.0
+PRUNE_INTERVAL_S = 300.0
+PRUNE_CHUNK = 10_000  # rows per DELETE transaction: never a long lock beside the commits
+METRICS_PUBLISH_TIMEOUT_S = 2.0
 
 
 def routing_key(topic: str) -> str:
@@ -146,6 +174,20 @@ class Worker:
         self._downlink_seq = time.time_ns() // 1_000_000
         self._publish_lock = asyncio.Lock()
         self.conn: AbstractRobustConnection | None = None
+        ccfg = dict(config.get("cluster", {}))
+        self.retention_s = float(ccfg.get("digest_retention_s", DIGEST_RETENTION_S))
+        self.prune_interval_s = float(ccfg.get("prune_interval_s", PRUNE_INTERVAL_S))
+        self.metrics_interval_s = float(config.get("monitor", {}).get("metrics_interval_s", 2.0))
+        # Monitor snapshots (component "headend", as the single head-end): counters of
+        # engines dropped (partition given back) are kept here so totals never go down.
+        self.metrics = Metrics("headend", ident)
+        self.latency_total = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self.latency_interval = HdrHistogram(1, LATENCY_MAX_US, 3)
+        self._retired: Counter[str] = Counter()
+        self._retired_rejected: Counter[str] = Counter()
+        self._mon_channel: AbstractChannel | None = None
+        self._mon_exchange: AbstractExchange | None = None
+        self._t0 = time.perf_counter()
 
     # -- start and stop ------------------------------------------------------------
 
@@ -159,8 +201,10 @@ class Worker:
         imported = await self.store.import_factory(iter_factory_keys(self.data_dir), time.time())
         listener = await self.store.listen(self._on_notify)
         await self._fetch_commands()
+        self.metrics.gauges["cold_start_s"] = round(time.perf_counter() - self._t0, 3)
         log.info("worker_started", worker=self.ident, partitions=self.n, imported=imported, store=repr(self.store))
         attempt = self.index
+        pruner = asyncio.create_task(self._prune_loop())
         try:
             while not stop.is_set():
                 url = self.amqp_urls[attempt % len(self.amqp_urls)]
@@ -173,6 +217,8 @@ class Worker:
                 if not stop.is_set():
                     await asyncio.sleep(0.5)
         finally:
+            pruner.cancel()
+            await asyncio.gather(pruner, return_exceptions=True)
             await listener.close()
             await self.store.close()
             self.vault.close()
@@ -183,11 +229,21 @@ class Worker:
         for part in self.parts.values():
             if part.task is not None:
                 part.task.cancel()
+            self._retire(part)
         self.parts.clear()
+        self._mon_channel = self._mon_exchange = None
+
+    def _retire(self, part: Partition) -> None:
+        """Drop a partition's engines, keeping their counters for the metrics."""
+        for engine in part.engines.values():
+            self._retired.update(engine.counters)
+            self._retired_rejected.update(engine.rejected)
+        part.engines.clear()
 
     async def _session(self, url: str, stop: asyncio.Event) -> None:
         conn: AbstractRobustConnection = await aio_pika.connect(url, timeout=10)
         self.conn = conn
+        metrics_task: asyncio.Task | None = None
         lost = asyncio.Event()
         conn.close_callbacks.add(lambda *_a: lost.set())
         try:
@@ -204,6 +260,7 @@ class Worker:
             for p in home:
                 await self._subscribe(conn, p)
             log.info("worker_connected", worker=self.ident, url=url.rpartition("@")[2], home=home)
+            metrics_task = asyncio.create_task(self._metrics_loop(conn))
             waiter = asyncio.create_task(lost.wait())
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({waiter, stopper}, timeout=2.0, return_when=asyncio.FIRST_COMPLETED)
@@ -222,7 +279,11 @@ class Worker:
             tasks = [p.task for p in self.parts.values() if p.task is not None]
             if tasks:
                 await asyncio.wait(tasks, timeout=5.0)
+            metrics_task.cancel()
+            await self._publish_metrics(conn)  # the final counters
         finally:
+            if metrics_task is not None:
+                metrics_task.cancel()
             self._drop_all()
             if not conn.is_closed:
                 await conn.close()
@@ -271,7 +332,7 @@ class Worker:
         """Close the partition's channel: its unacked messages go back, in
         order, to the next active consumer; subscribe again as a standby."""
         part.epoch = 0
-        part.engines.clear()
+        self._retire(part)
         channel = part.channel
         self.parts.pop(part.index, None)
         if channel is not None and not channel.is_closed:
@@ -284,7 +345,7 @@ class Worker:
     async def _take_over(self, part: Partition) -> None:
         epoch, left = await self.store.take_over(part.index, self.owner, self.ident)
         part.epoch = epoch
-        part.engines.clear()
+        self._retire(part)
         part.reported.clear()
         self.counters["takeovers"] += 1
         log.info("partition_taken_over", worker=self.ident, partition=part.index, epoch=epoch, outbox=len(left))
@@ -311,7 +372,11 @@ class Worker:
         if not part.epoch:
             return
         digests = [hashlib.sha256(m.routing_key.encode() + b"\0" + m.body).digest() for m in group]
+        t_seen = time.perf_counter()
         seen = await self.store.seen(digests) if group else set()
+        if group:
+            self.counters["groups"] += 1
+            self.counters["seen_ms_total"] += round((time.perf_counter() - t_seen) * 1000, 3)
         fresh: list[bytes] = []
         touched: dict[str, HeadEndEngine] = {}
         for message, digest in zip(group, digests):
@@ -338,8 +403,10 @@ class Worker:
         commit = Commit()
         outbox: list[tuple[str, bytes]] = []
         rejected: Counter[str] = Counter()
+        latencies: list[int] = []
         for conc, engine in touched.items():
             effects = engine.drain()
+            latencies += effects.latencies_ns
             c = effects.commit
             commit.readings += c.readings
             commit.keys += c.keys
@@ -369,9 +436,17 @@ class Worker:
             if self._crash_before and n == self._crash_before:
                 log.warning("crash_hook_before_commit", worker=self.ident, partition=part.index)
                 os.kill(os.getpid(), signal.SIGKILL)
+        t_commit = time.perf_counter()
         ids = await self.store.commit_partition(part.index, part.epoch, self.owner, commit, fresh, outbox,
                                                 dict(rejected))
+        commit_ms = round((time.perf_counter() - t_commit) * 1000, 3)
+        self.metrics.gauges["last_commit_ms"] = commit_ms
+        self.counters["commit_ms_total"] += commit_ms
         self.counters["commits"] += 1
+        for latency_ns in latencies:
+            us = max(1, min(latency_ns // 1000, LATENCY_MAX_US))
+            self.latency_total.record_value(us)
+            self.latency_interval.record_value(us)
         self.counters["readings_stored"] += len(commit.readings)
         self.counters["messages"] += len(group)
         if group and self._crash_after and n == self._crash_after:
@@ -389,6 +464,111 @@ class Worker:
                 self.topic_exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                                             routing_key=key)
                 for key, body in items))
+
+    # -- metrics and housekeeping ---------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The single head-end's snapshot, for this worker's engines: counters
+        summed over them (and over the engines it dropped), ``readings_stored``
+        as committed, rejections, gauges, the interval's latency histogram."""
+        engines = [e for p in self.parts.values() if p.epoch for e in p.engines.values()]
+        totals = Counter(self._retired)
+        rejected = Counter(self._retired_rejected)
+        for engine in engines:
+            totals.update(engine.counters)
+            rejected.update(engine.rejected)
+        totals.pop("meters", None)  # a gauge the engine keeps as a counter
+        m = self.metrics
+        m.counters.clear()
+        m.counters.update(totals)
+        m.counters["readings_processed"] = totals.get("readings_stored", 0)  # by the engines, committed or not
+        for name, value in self.counters.items():  # the worker's own: readings_stored = committed
+            m.counters[name] = round(value, 3) if isinstance(value, float) else value
+        for reason in m.rejected:
+            m.rejected[reason] = 0
+        for reason, n in rejected.items():
+            m.rejected[reason] = n
+        m.gauges.update(
+            meters=sum(len(e.meters) for e in engines),
+            sessions=sum(1 for e in engines for x in e.meters.values() if x.session is not None),
+            pending=sum(e.meters_pending for e in engines),
+            meters_with_gaps=sum(e.meters_with_gaps for e in engines),
+            concentrators=len(engines),
+            partitions_owned=sum(1 for p in self.parts.values() if p.epoch),
+            partitions_subscribed=len(self.parts),
+            inbox=sum(p.inbox.qsize() for p in self.parts.values()),
+        )
+        snap = m.snapshot()
+        snap["worker"] = {"index": self.index, "workers": self.workers, "partitions": self.n,
+                          "owned": sorted(p.index for p in self.parts.values() if p.epoch)}
+        total, interval = self.latency_total, self.latency_interval
+        percentiles = total.get_percentile_to_value_dict([50, 90, 99, 99.9])  # one pass, not four
+        snap["latency_ms"] = {
+            "count": total.get_total_count(),
+            **{f"p{p}": percentiles.get(p, 0) / 1000 for p in (50, 90, 99, 99.9)},  # {} when empty
+            "max": total.get_max_value() / 1000,
+            "interval_count": interval.get_total_count(),
+            "interval_p99": interval.get_value_at_percentile(99) / 1000,
+            "interval_hdr": base64.b64encode(interval.encode()).decode() if interval.get_total_count() else "",
+        }
+        interval.reset()
+        return snap
+
+    async def _metrics_loop(self, conn: AbstractRobustConnection) -> None:
+        while True:
+            await asyncio.sleep(self.metrics_interval_s)
+            await self._publish_metrics(conn)
+
+    async def _publish_metrics(self, conn: AbstractRobustConnection) -> None:
+        """One snapshot to amq.topic (the MQTT monitor topic's routing key).
+
+        A channel of its own, no publisher confirms, bounded by a timeout, every
+        error swallowed and counted: a metrics publish never blocks or breaks a
+        partition's commit, publish and ack."""
+        key = routing_key(topics.monitor_metrics("headend", self.ident))
+        try:
+            body = json.dumps(self._snapshot()).encode()
+            async with asyncio.timeout(METRICS_PUBLISH_TIMEOUT_S):
+                if self._mon_channel is None or self._mon_channel.is_closed or self._mon_exchange is None:
+                    self._mon_channel = await conn.channel(publisher_confirms=False)
+                    self._mon_exchange = await self._mon_channel.get_exchange("amq.topic", ensure=False)
+                await self._mon_exchange.publish(
+                    aio_pika.Message(body, content_type="application/json",
+                                     delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT), routing_key=key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - metrics are best effort
+            self._mon_channel = self._mon_exchange = None
+            self.counters["metrics_publish_failed"] += 1
+            log.debug("metrics_publish_failed", worker=self.ident, error=str(exc) or type(exc).__name__)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval_s)
+            await self.prune()
+
+    async def prune(self, now: float | None = None) -> tuple[int, int]:
+        """Delete the digests and redelivery notes older than the retention, for
+        the partitions this worker owns (their owners share the work)."""
+        owned = sorted(p.index for p in self.parts.values() if p.epoch)
+        if not owned:
+            return 0, 0
+        try:
+            batches, redeliveries = await self.store.prune(owned, (now or time.time()) - self.retention_s,
+                                                           chunk=PRUNE_CHUNK)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - housekeeping: try again next time
+            self.counters["prune_failed"] += 1
+            log.warning("prune_failed", worker=self.ident, error=f"{type(exc).__name__}: {exc}")
+            return 0, 0
+        self.counters["digests_pruned"] += batches
+        self.counters["redeliveries_pruned"] += redeliveries
+        self.counters["prunes"] += 1
+        if batches or redeliveries:
+            log.info("digests_pruned", worker=self.ident, partitions=owned, batches=batches,
+                     redeliveries=redeliveries, retention_s=self.retention_s)
+        return batches, redeliveries
 
     # -- operator commands ------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ single-writer lease replaced by one lease **per partition**:
   take-over it updates no row, the transaction is rolled back and
   :class:`Fenced` raised.  A zombie worker can no longer commit, so it can
   no longer publish (frames leave only after their commit);
+* ``cluster_batches`` and ``cluster_redeliveries`` are pruned past a
+  retention by the partitions' owners (:meth:`prune`, BRIN index on ``at``);
 * the same transaction stores the rows of the engines' Commit (readings
   under their ``(meter, seq)`` key, counter marks, sessions), the digest of
   every broker message it consumed (``cluster_batches``: a redelivery of a
@@ -75,6 +77,7 @@ CREATE TABLE IF NOT EXISTS cluster_batches (
     epoch BIGINT NOT NULL,
     at DOUBLE PRECISION NOT NULL
 );
+CREATE INDEX IF NOT EXISTS cluster_batches_at ON cluster_batches USING brin (at);
 CREATE TABLE IF NOT EXISTS cluster_redeliveries (
     id BIGSERIAL PRIMARY KEY,
     digest BYTEA NOT NULL,
@@ -108,6 +111,11 @@ _CONC = "(SELECT meter FROM meters WHERE concentrator = $1)"
 
 class PartitionStore(PostgresStore):
     """A worker's store: many partitions, each fenced by its own epoch."""
+
+    def __init__(self, dsn: str, vault, *, pool_size: int = 8) -> None:
+        # A connection per partition in flight (commit, digest lookup, outbox),
+        # plus one for loads and housekeeping.
+        super().__init__(dsn, vault, pool_size=pool_size)
 
     async def open(self, *, writer: bool = False, partitions: int = 0) -> None:
         await super().open(writer=False)
@@ -178,7 +186,11 @@ class PartitionStore(PostgresStore):
         digests, the outbox, the rejection counts.  Returns the outbox ids."""
         prepared = await self._prepare(batch)
         now = time.time()
-        async with self._write_lock, self._require_pool().acquire() as conn, conn.transaction():
+        # No process-wide write lock (the single head-end's): partitions own
+        # disjoint rows (their concentrators' meters, their fence row, their
+        # rejection rows), so their transactions run side by side, on several
+        # pool connections, exactly as those of different workers do.
+        async with self._require_pool().acquire() as conn, conn.transaction():
             if await conn.execute(_FENCE, partition, epoch, owner) != "UPDATE 1":
                 raise Fenced(f"partition {partition}: another worker took it over (this one held epoch {epoch}); "
                              "nothing was committed")
@@ -201,6 +213,28 @@ class PartitionStore(PostgresStore):
                     "DO UPDATE SET n = cluster_rejections.n + excluded.n",
                     [(partition, r, n) for r, n in rejections.items()])
         return ids
+
+    async def prune(self, partitions: list[int], before: float, *, chunk: int = 10_000) -> tuple[int, int]:
+        """Delete ``cluster_batches`` and ``cluster_redeliveries`` rows of these
+        partitions older than ``before`` (epoch seconds), ``chunk`` rows per
+        transaction (never a long lock beside the commits); returns the counts.
+
+        Only rows past the retention go: a digest is needed while a message it
+        covers can still come back (a redelivery, a QoS 1 copy)."""
+        pool = self._require_pool()
+        counts = []
+        for table in ("cluster_batches", "cluster_redeliveries"):
+            total = 0
+            while True:
+                status = await pool.execute(
+                    f"DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} "
+                    "WHERE partition = ANY($1::int[]) AND at < $2 LIMIT $3))", partitions, before, chunk)
+                n = int(status.rsplit(" ", 1)[-1])
+                total += n
+                if n < chunk:
+                    break
+            counts.append(total)
+        return counts[0], counts[1]
 
     async def outbox_sent(self, ids: list[int]) -> None:
         if ids:

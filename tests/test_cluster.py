@@ -5,6 +5,11 @@
   at the end.  Skipped, with the reason printed, without rabbitmq-server.
 * a database of our own per run on 127.0.0.1:5432 (skipped without it).
 * fencing without a broker: a zombie's commit fails, nothing written.
+* pruning: digests and redelivery notes past the retention go, for the
+  partitions the worker owns only, counted.
+* ``ami loadtest --cluster-workers 2`` on the fixture's cluster (no second
+  start): 100 meters, a few seconds; nothing lost or rejected, every pushed
+  reading stored, both workers' metrics aggregated.
 * the chaos test (slow): 3 workers, 8 partitions, 300 meters behind 30
   concentrators at QoS 1; a worker SIGKILLed between commit and ack,
   another SIGKILLed before its commit, both restarted, one RabbitMQ node
@@ -60,21 +65,14 @@ def database():
         _psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def _free_run(count: int, start: int, stop: int) -> int:
-    for base in range(start, stop, 10):
-        if all(rmq.port_free(p) and rmq.port_free(p + 20000) for p in range(base, base + count)):
-            return base
-    raise RuntimeError("no free ports")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     why = rmq.rabbitmq_missing()
     if why:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("rmq")
-    amqp = _free_run(3, 25700, 26000)
-    mqtt = _free_run(3, 21900, 22200)
+    amqp = rmq.free_run(3, 25700, 26000, also=20000)
+    mqtt = rmq.free_run(3, 21900, 22200, also=20000)
     c = rmq.up(root, nodes=3, amqp_base=amqp, mqtt_base=mqtt, prefix=f"amit{uuid.uuid4().hex[:6]}-")
     try:
         yield c
@@ -142,6 +140,92 @@ def test_zombie_commit_is_fenced(database, tmp_path):
             await b.close()
 
     asyncio.run(go())
+
+
+def test_prune_digests_past_retention_of_owned_partitions(database, tmp_path):
+    """Old digests and redelivery notes go, young ones stay, partitions the
+    worker does not own are left to their owners; counted in the metrics."""
+    from headend.worker import Partition, Worker
+    from headend.worker_store import PartitionStore
+
+    vault = FileKeyVault(tmp_path / "kek")
+    day = 86400.0
+
+    async def go():
+        store = PartitionStore(database, vault)
+        await store.open(partitions=2)
+        try:
+            e0, _ = await store.take_over(0, "A", "wa")
+            e1, _ = await store.take_over(1, "B", "wb")
+            await store.commit_partition(0, e0, "A", Commit(), [b"old0", b"new0"], [], {})
+            await store.commit_partition(1, e1, "B", Commit(), [b"old1"], [], {})
+            for d, p in ((b"old0", 0), (b"new0", 0), (b"old1", 1)):
+                await store.note_redelivery(d, p, "w")
+            now = time.time()
+            await store.query("UPDATE cluster_batches SET at = $1 WHERE digest = ANY($2)",
+                              (now - 2 * day, [b"old0", b"old1"]))
+            await store.query("UPDATE cluster_redeliveries SET at = $1 WHERE digest <> $2", (now - 2 * day, b"new0"))
+            worker = Worker({"cluster": {"digest_retention_s": day}}, tmp_path, [], database, 2, "wa")
+            worker.store = store
+            worker.parts = {0: Partition(0, epoch=e0)}  # owns partition 0 only
+            assert worker.retention_s == day
+            assert await worker.prune(now) == (1, 1)
+            assert await store.seen([b"old0", b"new0", b"old1"]) == {b"new0", b"old1"}
+            rows = await store.query("SELECT partition, digest FROM cluster_redeliveries ORDER BY partition")
+            assert [(p, bytes(d)) for p, d in rows] == [(0, b"new0"), (1, b"old1")]
+            assert worker.counters["digests_pruned"] == 1 and worker.counters["redeliveries_pruned"] == 1
+            assert await worker.prune(now) == (0, 0)  # nothing left past the retention
+            # In chunks: many old rows, fewer per transaction than the total.
+            await store.commit_partition(0, e0, "A", Commit(), [b"x%d" % i for i in range(25)], [], {})
+            await store.query("UPDATE cluster_batches SET at = 0 WHERE digest <> $1 AND partition = 0", (b"new0",))
+            assert await store.prune([0], now - day, chunk=10) == (25, 0)
+            assert await store.seen([b"new0"]) == {b"new0"}
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_loadtest_drives_the_clustered_headend(cluster, tmp_path):
+    """``ami loadtest --cluster-workers 2`` (programmatically, on the fixture's
+    cluster: no second start): nothing lost, nothing rejected, every pushed
+    reading stored in PostgreSQL, both workers committed and their metrics
+    (through amq.topic and the MQTT plugin) were aggregated."""
+    from pathlib import Path
+
+    from ami.tools.loadtest import clustered
+    from ami.tools.loadtest.run import LoadTest, Options
+
+    why = clustered.missing()
+    if why:
+        pytest.skip(why)
+    options = Options(meters=100, concentrators=10, rate=200.0, duration=4.0, ramp_up=1.0, drain=20.0,
+                      settle_max=60.0, start_timeout=120.0, workdir=tmp_path / "runs", live=False,
+                      cluster_workers=2, partitions=PARTITIONS, cluster_dir=Path(cluster.root))
+    test = LoadTest(options)
+    test.thresholds = {"min_fps": None, "max_p99_ms": None, "max_loss": 0.0}
+    t0 = time.monotonic()
+    report = test.run()
+    f = report["frames"]
+    c = report["cluster"]
+    print(f"cluster loadtest: {f['run']} {c['workers']} {time.monotonic() - t0:.0f} s")
+    assert f["lost"] == 0 and f["rejected"] == 0 and f["rejected_by_reason"] == {}, f
+    assert f["run"]["pushed"] > 0 and c["readings"] == f["run"]["stored"] == f["run"]["pushed"], (f, c)
+    assert c["readings_distinct"] == c["readings"] and c["meters_with_readings"] == 100
+    assert c["rejections"] == {} and c["outbox_left"] == 0
+    stored = [w["readings_stored"] for w in c["workers"]]
+    assert len(stored) == 2 and all(n > 0 for n in stored), c["workers"]
+    assert sum(stored) == c["readings"]  # the metrics (committed counts) add up to the rows
+    assert f["accepted"] > 0 and report["latency_ms"]["count"] > 0 and report["latency_ms"]["samples_missed"] == 0
+    roles = {}
+    for p in report["processes"]:
+        roles.setdefault(p["role"], []).append(p)
+    assert len(roles["headend"]) == 2 and len(roles["broker"]) == 3
+    assert all(p["cpu_s"] > 0 and p["rss_max_bytes"] > 20e6 for p in roles["broker"])  # the beam.smp VMs
+    assert report["thresholds"]["passed"] is True
+    assert all(cluster.running(n) for n in cluster.nodes)  # the fixture's cluster: left running
+    assert test.cluster_run is not None and not test.cluster_run.db_created  # the run's database dropped
 
 
 # -- chaos -------------------------------------------------------------------------------------

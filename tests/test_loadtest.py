@@ -70,6 +70,20 @@ def test_missed_threshold_exits_non_zero(tmp_path):
     assert r["frames"]["lost"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_cluster_run_without_its_services_is_skipped_with_exit_2(tmp_path):
+    """--cluster-workers where PostgreSQL (or rabbitmq-server) is absent: a clear
+    message and exit 2, nothing started."""
+    from ami.runtime.bus import free_port
+
+    out = _run(["--cluster-workers", "1", "--meters", "10", "--cluster-pg",
+                f"postgresql://postgres@127.0.0.1:{free_port()}"], tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    err = " ".join(out.stderr.split())
+    assert "skipped" in err and ("PostgreSQL not listening" in err or "rabbitmq" in err), err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
 # --- HDR merge ----------------------------------------------------------------------------
 
 
@@ -169,6 +183,31 @@ def test_report_counts_missed_latency_snapshots_and_narrows_the_window():
     assert r["latency_ms"]["samples_missed"] == 100
     assert (r["window"]["start"], r["window"]["end"]) == (1000.0, 1010.0)
     assert r["frames"]["lost"] == 0 and r["ratio"]["pipeline_over_bare"] is None
+
+
+def test_report_sums_workers_and_merges_their_histograms():
+    """The clustered head-end: snapshots of two workers, not simultaneous,
+    one at 60/s and one at 40/s: the report adds them (each interpolated),
+    merges every histogram, and counts the samples of both."""
+    w0, fleet = _snapshots(rate=60.0, lat_us=10_000)
+    w1, _ = _snapshots(t0=1000.4, rate=40.0, lat_us=200_000)
+    final = {"pushed": 1000, "stored": 1000, "headend_counters": {"frames_rejected": 0}}
+    r = build_report(config={"rate": 100.0}, window=(1000.0, 1010.0), headend={"w0": w0, "w1": w1},
+                     fleets={"f": fleet}, final=final, thresholds={"max_loss": 0})
+    assert r["window"]["seconds"] == 10  # not narrowed: the workers' snapshots are not simultaneous
+    assert r["throughput"]["accepted_fps"] == pytest.approx(98.4)  # worker 1 interpolated at the window's end
+    assert r["latency_ms"]["samples_missed"] == 0 and r["latency_ms"]["run_count"] == 1000
+    lat = r["latency_ms"]
+    assert lat["p50"] == pytest.approx(10, rel=1e-2) and lat["p99"] == pytest.approx(200, rel=1e-2)
+    assert lat["count"] == 10 * 60 + 9 * 40  # every interval histogram of both inside the window
+    series = r["throughput"]["series"]
+    assert len(series) == 10 and all(p["accepted_fps"] == pytest.approx(100, rel=0.05) for p in series[1:])
+    assert r["frames"]["lost"] == 0 and r["thresholds"]["passed"]
+    # One worker's snapshots alone (N = 1 still goes through the mapping).
+    one = build_report(config={"rate": 60.0}, window=(1000.0, 1010.0), headend={"w0": w0}, fleets={"f": fleet},
+                       final=final)
+    assert one["throughput"]["accepted_fps"] == pytest.approx(60.0)
+    assert one["latency_ms"]["count"] == 600
 
 
 def test_thresholds():

@@ -39,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 PLUGINS = ("rabbitmq_mqtt", "rabbitmq_consistent_hash_exchange")
@@ -69,6 +71,17 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_run(count: int, start: int, stop: int, *, also: int | None = None, step: int = 10) -> int:
+    """The first base in [start, stop) with ``count`` consecutive free ports
+    (and, with ``also``, free ports at that offset too: the Erlang distribution
+    ports at AMQP + 20000).  ClusterError when there is none."""
+    for base in range(start, stop, step):
+        ports = range(base, base + count)
+        if all(port_free(p) and (also is None or port_free(p + also)) for p in ports):
+            return base
+    raise ClusterError(f"no {count} free ports between {start} and {stop}")
 
 
 def port_open(port: int) -> bool:
@@ -195,8 +208,23 @@ class Cluster:
         proc = subprocess.Popen([SERVER], env=self.env(node), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=d)
         out.close()
-        node.pid = proc.pid  # the script execs erl, which execs beam: the node's own PID
+        # The script's PID: it traps SIGTERM and stops the node cleanly; the
+        # Erlang VM (beam.smp) is its descendant (vm_pid).
+        node.pid = proc.pid
         self.save()
+
+    def vm_pid(self, node: Node) -> int | None:
+        """The PID of the node's Erlang VM (``beam.smp``, the process doing the
+        work: CPU and memory), a descendant of ``node.pid``; None if not running."""
+        if not self.running(node):
+            return None
+        try:
+            for child in psutil.Process(node.pid).children(recursive=True):
+                if child.name().startswith("beam"):
+                    return child.pid
+        except psutil.Error:
+            return None
+        return None
 
     def wait_node(self, node: Node, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

@@ -119,6 +119,64 @@ def _latency(headend: Sequence[Mapping[str, Any]], window: tuple[float, float]) 
     return out
 
 
+# --- N head-end workers (the clustered head-end) --------------------------------------------
+
+
+def _grid(groups: Mapping[str, Sequence[Mapping[str, Any]]], window: tuple[float, float]) -> list[float]:
+    """Time points for a series over several workers: the snapshot times of
+    the worker that reported most often in the window (and the window's start)."""
+    t0, t1 = window
+    best: list[float] = []
+    for snaps in groups.values():
+        times = [s["time"] for s in snaps if t0 < s["time"] <= t1 + 1e-6]
+        if len(times) > len(best):
+            best = times
+    return [t0, *best]
+
+
+def _hdr_between(groups: Mapping[str, Sequence[Mapping[str, Any]]], a: float, b: float):
+    return hdr.merge(s.get("latency_ms", {}).get("interval_hdr")
+                     for snaps in groups.values() for s in snaps if a < s["time"] <= b + 1e-6)
+
+
+def pipeline_series_groups(
+    groups: Mapping[str, Sequence[Mapping[str, Any]]],
+    fleets: Mapping[str, Sequence[Mapping[str, Any]]],
+    window: tuple[float, float],
+    offered_fps: float,
+) -> list[dict[str, Any]]:
+    """``pipeline_series`` over several workers: counters summed (each
+    worker's interpolated at the grid's times), latency histograms merged."""
+    out: list[dict[str, Any]] = []
+    grid = _grid(groups, window)
+    for a, b in zip(grid, grid[1:]):
+        if b - a <= 0:
+            continue
+        lat = hdr.summary_ms(_hdr_between(groups, a, b))
+        out.append({
+            "t_s": round(b - window[0], 3),
+            "offered_fps": round(offered_fps, 1),
+            "sent_fps": round(rate_between(fleets, "readings_pushed", a, b), 1),
+            "accepted_fps": round(rate_between(groups, "readings_stored", a, b), 1),
+            "rejected_total": int(sum_at(groups, "frames_rejected", b)),
+            "latency_count": lat["count"],
+            "p50_ms": lat["p50"], "p90_ms": lat["p90"], "p99_ms": lat["p99"], "p99_9_ms": lat["p99.9"],
+            "max_ms": lat["max"],
+        })
+    return out
+
+
+def _latency_groups(groups: Mapping[str, Sequence[Mapping[str, Any]]], window: tuple[float, float]) -> dict[str, Any]:
+    out: dict[str, Any] = hdr.summary_ms(_hdr_between(groups, window[0], window[1]))
+    seen = sum(int(s.get("latency_ms", {}).get("interval_count", 0) or 0) for snaps in groups.values() for s in snaps)
+    total = sum(int(snaps[-1].get("latency_ms", {}).get("count", 0) or 0) for snaps in groups.values() if snaps)
+    out["run_count"] = total
+    out["samples_missed"] = max(0, total - seen)
+    out["source"] = (f"{len(groups)} head-end workers' interval HDR histograms (us), merged over the window; "
+                     "sealed_ns -> committed")
+    return out
+
+
 def _nonzero(counts: Mapping[str, Any] | None) -> dict[str, int]:
     return {k: int(v) for k, v in (counts or {}).items() if v}
 
@@ -127,7 +185,7 @@ def build_report(
     *,
     config: Mapping[str, Any],
     window: tuple[float, float],
-    headend: Sequence[Mapping[str, Any]],
+    headend: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]],
     fleets: Mapping[str, Sequence[Mapping[str, Any]]],
     final: Mapping[str, Any],
     processes: Sequence[Mapping[str, Any]] = (),
@@ -143,11 +201,22 @@ def build_report(
     fleet pushed, from its "fleet stopped" lines), ``stored`` (rows in the
     head-end's store), ``headend_counters`` / ``headend_rejected`` (its last
     snapshot) and optionally ``relay_rejected`` / ``fleet_rejected``.
+
+    ``headend``: the head-end's snapshots, or a mapping of worker id -> its
+    snapshots (the clustered head-end): counters are then summed over the
+    workers, each interpolated at the window's edges (their snapshots are not
+    simultaneous, so the window is not narrowed), and latency histograms
+    merged over every worker's snapshots inside the window.
     """
-    headend = _sorted(headend)
+    groups: dict[str, list[Mapping[str, Any]]] | None = None
+    if isinstance(headend, Mapping):
+        groups = {k: _sorted(v) for k, v in headend.items()}
+        headend = []
+    else:
+        headend = _sorted(headend)
     fleets = {k: _sorted(v) for k, v in fleets.items()}
     requested = window
-    window = snap_window(headend, window)
+    window = snap_window(headend, window) if groups is None else window
     t0, t1 = window
     span = max(t1 - t0, 1e-9)
     rate = float(config.get("rate", 0) or 0)
@@ -158,11 +227,16 @@ def build_report(
     lost = max(0, pushed - stored)
     rejected_by_reason = _nonzero(final.get("headend_rejected"))
     rejected = int(hc.get("frames_rejected", sum(rejected_by_reason.values())))
-    stored_window = cumulative_at(headend, "readings_stored", t1) - cumulative_at(headend, "readings_stored", t0)
+    if groups is None:
+        stored_window = cumulative_at(headend, "readings_stored", t1) - cumulative_at(headend, "readings_stored", t0)
+        series = pipeline_series(headend, fleets, window, rate)
+        latency = _latency(headend, window)
+    else:
+        stored_window = sum_at(groups, "readings_stored", t1) - sum_at(groups, "readings_stored", t0)
+        series = pipeline_series_groups(groups, fleets, window, rate)
+        latency = _latency_groups(groups, window)
     sent_window = sum_at(fleets, "readings_pushed", t1) - sum_at(fleets, "readings_pushed", t0)
     accepted_fps = stored_window / span
-    series = pipeline_series(headend, fleets, window, rate)
-    latency = _latency(headend, window)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "machine": dict(machine or {}),
@@ -338,6 +412,15 @@ def summary_table(report: Mapping[str, Any]):
     shed = {k: v for k, v in (report.get("control") or {}).items() if v}
     if shed:
         rows.append(("budgets (deferred / shed)", ", ".join(f"{k} {v:,}" for k, v in sorted(shed.items()))))
+    cluster = report.get("cluster") or None  # the report's section, not the [cluster] config
+    if cluster:
+        workers = cluster.get("workers", [])
+        rows.append(("workers: readings stored", ", ".join(f"{w['id']} {w['readings_stored']:,}" for w in workers)))
+        commits = [w["commit_ms_mean"] for w in workers if w.get("commit_ms_mean") is not None]
+        rows.append(("PostgreSQL (after the run)",
+                     f"{cluster['readings']:,} readings ({cluster['readings_distinct']:,} distinct), {cluster['batches_committed']:,} "
+                     f"messages, {cluster['redeliveries_recognised']} redelivered, {cluster['takeovers']} take-overs"
+                     + (f", commit mean {sum(commits) / len(commits):.1f} ms" if commits else "")))
     if report["headend"].get("cold_start_s") is not None:
         rows.append(("head-end cold start", f"{report['headend']['cold_start_s']} s"))
     m = report.get("machine", {})

@@ -55,6 +55,10 @@ class LoadTestError(RuntimeError):
     """The run could not be carried out (a process died, a start-up timed out)."""
 
 
+class LoadTestSkipped(LoadTestError):
+    """What the run needs is not installed here (RabbitMQ, PostgreSQL)."""
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -135,6 +139,10 @@ class Options:
     profile: str | None = None  # "headend", "fleet", "relays", "all": py-spy record each (needs py-spy)
     mass_boot: bool = False  # every meter boots at the same instant; the window opens at once (no settling)
     recover: bool = True  # drain: slow the fleet to a tenth (SIGUSR1) until gap-fill caught up, then stop it
+    cluster_workers: int = 0  # > 0: the clustered head-end (3-node RabbitMQ cluster + PostgreSQL + N workers)
+    partitions: int = 8  # partition queues of the clustered head-end
+    cluster_pg: str = "postgresql://postgres@127.0.0.1:5432"  # server of the run's own database
+    cluster_dir: Path | None = None  # a running `ami cluster up --dir` cluster to use (not stopped) instead of a new one
 
 
 @dataclass(slots=True)
@@ -148,6 +156,9 @@ class Child:
     owned: bool = True
     samples: list[tuple[float, float, int]] = field(default_factory=list)  # (time, cpu %, rss)
     cpu_s: float = 0.0
+    # A group of processes sampled as one (the PostgreSQL backends of the run's database).
+    members: Any = None  # () -> list[psutil.Process]
+    member_cpu_s: dict[int, float] = field(default_factory=dict)
 
 
 # --- the monitor collector ---------------------------------------------------------------
@@ -240,6 +251,8 @@ class LoadTest:
         self.fleet_ids: list[str] = []
         self.relay_ids: list[str] = []
         self.headend_id = f"{self.tag}-headend"
+        self.headend_ids: list[str] = [self.headend_id]  # the workers' ids with --cluster-workers
+        self.cluster_run = None  # clustered.ClusterRun with --cluster-workers
         self.thresholds: dict[str, float | None] = {}
         self.recovery_s: float | None = None
         self._stopping: set[str] = set()
@@ -322,8 +335,9 @@ class LoadTest:
     def _stop(self, child: Child, timeout: float = 60.0) -> int | None:
         if child.proc is None:
             return None
+        signalled = child.name in self._stopping  # _stop_all signalled it already (a second signal cancels)
         self._stopping.add(child.name)
-        if child.proc.poll() is None:
+        if child.proc.poll() is None and not signalled:
             child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while child.proc.poll() is None and time.monotonic() < deadline:
@@ -339,6 +353,9 @@ class LoadTest:
     # --- sampling and progress --------------------------------------------------------------------
 
     def _sample_one(self, c: Child, final: bool = False) -> None:
+        if c.members is not None:
+            self._sample_group(c, final)
+            return
         if c.ps is None:
             return
         try:
@@ -351,6 +368,25 @@ class LoadTest:
                 c.samples.append((time.time(), cpu, rss))
         except psutil.Error:
             pass
+
+    def _sample_group(self, c: Child, final: bool = False) -> None:
+        cpu, rss = 0.0, 0
+        try:
+            members = c.members()
+        except psutil.Error:
+            members = []
+        for ps in members:
+            try:
+                with ps.oneshot():
+                    cpu += ps.cpu_percent(None)
+                    rss += ps.memory_info().rss
+                    t = ps.cpu_times()
+                c.member_cpu_s[ps.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        c.cpu_s = sum(c.member_cpu_s.values())  # every member's last CPU time, also of those gone
+        if not final:
+            c.samples.append((time.time(), cpu, rss))
 
     def _tick(self) -> None:
         now = time.time()
@@ -366,6 +402,28 @@ class LoadTest:
                 if c.role != "profiler" and (c.proc is None or c.proc.poll() is None):
                     self._sample_one(c)
             self._progress()
+
+    # --- the head-end: one process or N workers ---------------------------------------------------
+
+    def _headend_latest(self) -> dict[str, Any]:
+        """The head-end's latest snapshot; with workers, their latest ones
+        summed (counters, rejections, gauges; the interval p99: the highest)."""
+        col = self.collector
+        assert col is not None
+        if len(self.headend_ids) == 1:
+            return col.latest("headend", self.headend_ids[0])
+        snaps = [col.latest("headend", i) for i in self.headend_ids]
+        out: dict[str, Any] = {"counters": {}, "gauges": {}, "rejected": {}, "latency_ms": {}}
+        for snap in snaps:
+            for section in ("counters", "gauges", "rejected"):
+                for k, v in snap.get(section, {}).items():
+                    if isinstance(v, (int, float)):
+                        out[section][k] = out[section].get(k, 0) + v
+            p99 = snap.get("latency_ms", {}).get("interval_p99", 0)
+            out["latency_ms"]["interval_p99"] = max(out["latency_ms"].get("interval_p99", 0), p99)
+        if not all(snaps):
+            out["gauges"].pop("meters_with_gaps", None)  # unknown while a worker has not reported
+        return out
 
     def _progress(self) -> None:
         line = self._status()
@@ -386,7 +444,7 @@ class LoadTest:
             recv = sum(col.latest("loadtest-relay", i).get("counters", {}).get("frames_received", 0)
                        for i in self._bare_sub_ids)
             return f"[{self.phase}] bare sent {sent:,} received {recv:,}"
-        h = col.latest("headend", self.headend_id)
+        h = self._headend_latest()
         hc = h.get("counters", {})
         pushed = sum(col.latest("meters", i).get("counters", {}).get("readings_pushed", 0) for i in self.fleet_ids)
         lat = h.get("latency_ms", {})
@@ -439,6 +497,14 @@ class LoadTest:
         self.data = self.workdir / "data"
         t0 = time.perf_counter()
         provision(self.data, o.meters, o.concentrators, bus_security=False)
+        if o.cluster_workers:
+            from ami.runtime.network import load_network
+
+            network = load_network(self.data)
+            dotted = [i for i in [*network.concentrators, *(m for c in network.concentrators
+                                                             for m in network.segments[c])] if "." in str(i)]
+            if dotted:  # RabbitMQ's MQTT plugin maps '/' to '.': an id with a dot breaks the routing keys
+                raise LoadTestError(f"ids with a '.' cannot cross the cluster's MQTT plugin: {dotted[:5]}")
         self.notes.append(f"provisioned {o.meters} meters / {o.concentrators} concentrators "
                           f"in {time.perf_counter() - t0:.1f} s ({self.workdir})")
         natural = reading_frame_size(0)
@@ -451,8 +517,46 @@ class LoadTest:
                                   f"readings keep their natural size")
             self.payload_bytes = natural
 
+    def _start_cluster(self) -> None:
+        """--cluster-workers: a 3-node RabbitMQ cluster and a database of the run's own."""
+        from ami.tools.cluster import ClusterError
+        from ami.tools.loadtest import clustered
+
+        o = self.o
+        why = clustered.missing(o.cluster_pg)
+        if why:
+            raise LoadTestSkipped(why)
+        assert self.workdir is not None
+        self.phase = "cluster:start"
+        self._progress()
+        run = clustered.ClusterRun(self.workdir / "cluster", self.tag, o.cluster_pg)
+        self.cluster_run = run
+        try:
+            cluster = run.start(o.cluster_dir)
+        except ClusterError as exc:
+            raise LoadTestError(f"the RabbitMQ cluster did not start: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - the database could not be created (the cluster is stopped)
+            raise LoadTestError(f"the run's PostgreSQL database: {type(exc).__name__}: {exc}") from exc
+        self.broker_url = cluster.broker
+        self.broker_kind = (f"rabbitmq cluster ({len(cluster.nodes)} nodes, {o.cluster_workers} workers, "
+                            f"{o.partitions} partitions, PostgreSQL)")
+        self.notes.append(f"RabbitMQ cluster of {len(cluster.nodes)} nodes "
+                          f"{'up in ' + str(run.started_s) + ' s' if run.owned else 'in ' + str(o.cluster_dir)}; "
+                          f"database {run.db}")
+        for name, ps in run.node_processes():
+            if ps is None:
+                raise LoadTestError(f"{name} is not running")
+            self.children.append(Child(name, "broker", "all", None, None, ps, owned=False))
+        self.children.append(Child("postgres (run's backends)", "postgres", "all", None, None, None, owned=False,
+                                   members=run.pg_backends))
+        first = cluster.nodes[0]
+        self.collector = Collector("127.0.0.1", first.mqtt, run_start=time.time() - 1)
+
     def _start_broker(self) -> None:
         o = self.o
+        if o.cluster_workers:
+            self._start_cluster()
+            return
         if o.broker in (None, "", "embedded", "amqtt"):
             port = free_port()
             self.broker_url = f"mqtt://127.0.0.1:{port}"
@@ -564,10 +668,12 @@ class LoadTest:
         self.phase = "pipeline:start"
         self.relay_ids = [f"{self.tag}-relays-{i}" for i in range(1, o.relay_processes + 1)]
         self.fleet_ids = [f"{self.tag}-fleet-{i}" for i in range(1, o.fleet_processes + 1)]
-        headend = self._spawn("headend", "headend", "pipeline", self._ami("headend", "--id", self.headend_id))
+        heads = self._start_headend()
         started = time.time()
-        self._wait(lambda: col.latest("headend", self.headend_id), o.start_timeout, "the head-end to start")
-        cold = col.latest("headend", self.headend_id).get("gauges", {}).get("cold_start_s")
+        self._wait(lambda: all(col.latest("headend", i) for i in self.headend_ids), o.start_timeout,
+                   "the head-end to start" if not o.cluster_workers else "every worker's first metrics")
+        colds = [col.latest("headend", i).get("gauges", {}).get("cold_start_s") for i in self.headend_ids]
+        cold = max((c for c in colds if c is not None), default=None)
         relays = []
         batch = []
         if o.batch_max_frames:
@@ -604,7 +710,7 @@ class LoadTest:
             self._sleep_until(fleet_ready + o.ramp_up)
 
         def associated() -> bool:
-            return col.latest("headend", self.headend_id).get("gauges", {}).get("sessions", 0) >= o.meters
+            return self._headend_latest().get("gauges", {}).get("sessions", 0) >= o.meters
 
         deadline = time.time() + (0.0 if o.mass_boot else o.settle_max)
         while not associated() and time.time() < deadline:
@@ -612,9 +718,11 @@ class LoadTest:
             self._tick()
             time.sleep(0.1)
         if not associated() and not o.mass_boot:
-            sessions = col.latest("headend", self.headend_id).get("gauges", {}).get("sessions", 0)
+            sessions = self._headend_latest().get("gauges", {}).get("sessions", 0)
             self.notes.append(f"only {sessions} of {o.meters} meters associated {o.settle_max:.0f} s after the "
                               f"ramp-up: the window opened anyway")
+        if o.cluster_workers and not o.mass_boot:
+            self._settle_backlog()
         start = time.time()
         end = start + o.duration
         self.phase = "pipeline:measure"
@@ -648,7 +756,7 @@ class LoadTest:
         drain_end = time.time() + o.drain
         while time.time() < drain_end:
             self._check_alive()
-            stored = col.latest("headend", self.headend_id).get("counters", {}).get("readings_stored", 0)
+            stored = self._headend_latest().get("counters", {}).get("readings_stored", 0)
             if stored >= pushed:
                 break
             if stored != last:
@@ -663,10 +771,22 @@ class LoadTest:
             self._stop(c, 60)
             for k, v in col.latest("concentrator", ident).get("rejected", {}).items():
                 relay_rejected[k] += int(v)
-        self._stop(headend, 60)
+        for head in heads:  # every worker at once: each finishes its groups (commit, publish, ack)
+            self._stopping.add(head.name)
+            if head.proc is not None and head.proc.poll() is None:
+                head.proc.send_signal(signal.SIGTERM)
+        for head in heads:
+            self._stop(head, 60)
         time.sleep(0.3)
-        final_headend = col.latest("headend", self.headend_id)
-        stored_rows = count_stored_readings(self.data / "headend.db")
+        if o.cluster_workers:
+            time.sleep(o.sample_interval)  # the workers' final snapshots, through the cluster
+        final_headend = self._headend_latest()
+        cluster_final = None
+        if self.cluster_run is not None:
+            cluster_final = self.cluster_run.final_counts()
+            stored_rows = cluster_final["readings"]
+        else:
+            stored_rows = count_stored_readings(self.data / "headend.db")
         final = {
             "pushed": pushed,
             "stored": stored_rows if stored_rows is not None else final_headend.get("counters", {}).get(
@@ -680,12 +800,89 @@ class LoadTest:
         }
         if storm is not None:
             final["storm"] = storm.result(start)
+        if cluster_final is not None:
+            final["cluster"] = {**cluster_final, "workers": self._worker_summaries()}
+            if cluster_final["rejections"]:  # durable, every worker's (also one that died): authoritative
+                final["headend_rejected"] = cluster_final["rejections"]
+                counters = dict(final["headend_counters"])
+                counters["frames_rejected"] = max(int(counters.get("frames_rejected", 0) or 0),
+                                                  sum(cluster_final["rejections"].values()))
+                final["headend_counters"] = counters
         return {
             "window": (start, end),
-            "headend": col.history("headend", self.headend_id),
+            "headend": (col.history("headend", self.headend_id) if not o.cluster_workers
+                        else {i: col.history("headend", i) for i in self.headend_ids}),
             "fleets": {i: col.history("meters", i) for i in self.fleet_ids},
             "final": final,
         }
+
+    def _settle_backlog(self) -> None:
+        """Clustered head-end: the boot storm (every association a commit and a
+        downlink through the cluster) can leave readings queued in the
+        partition queues when the last meter associates; open the window once
+        the workers have stored what was pushed (less two seconds of load), at
+        most ``settle_max`` later, so that it measures the steady state."""
+        col = self.collector
+        assert col is not None
+        o = self.o
+        t0 = time.time()
+        deadline = t0 + o.settle_max
+        while time.time() < deadline:
+            self._check_alive()
+            pushed = sum(col.latest("meters", i).get("counters", {}).get("readings_pushed", 0) for i in self.fleet_ids)
+            stored = self._headend_latest().get("counters", {}).get("readings_stored", 0)
+            if pushed - stored <= max(2 * o.rate, 200.0):  # snapshots are up to an interval apart
+                break
+            self._tick()
+            time.sleep(0.2)
+        else:
+            self.notes.append(f"the backlog of the ramp-up had not drained {o.settle_max:.0f} s after the last "
+                              "association: the window opened anyway")
+        waited = time.time() - t0
+        if waited > 2 * o.sample_interval:
+            self.notes.append(f"the window opened {waited:.1f} s after the last association: the workers were "
+                              "still storing the readings queued during the ramp-up")
+
+    def _start_headend(self) -> list[Child]:
+        """The single head-end, or N ``ami headend-worker`` processes on the cluster."""
+        o = self.o
+        if not o.cluster_workers:
+            return [self._spawn("headend", "headend", "pipeline", self._ami("headend", "--id", self.headend_id))]
+        run = self.cluster_run
+        assert run is not None and run.cluster is not None
+        self.headend_ids = [f"{self.tag}-w{i}" for i in range(o.cluster_workers)]
+        heads = []
+        for i, ident in enumerate(self.headend_ids):
+            argv = [sys.executable, "-m", "ami.cli", "headend-worker", "--data", str(self.data), "--store", run.dsn,
+                    "--amqp", run.cluster.amqp, "--partitions", str(o.partitions), "--index", str(i),
+                    "--workers", str(o.cluster_workers), "--id", ident, "--log-format", "json"]
+            heads.append(self._spawn(f"worker-{i}", "headend", "pipeline", argv))
+        return heads
+
+    def _worker_summaries(self) -> list[dict[str, Any]]:
+        col = self.collector
+        assert col is not None
+        out = []
+        for ident in self.headend_ids:
+            snap = col.latest("headend", ident)
+            c = snap.get("counters", {})
+            commits = int(c.get("commits", 0) or 0)
+            groups = int(c.get("groups", 0) or 0)
+            out.append({
+                "id": ident,
+                "readings_stored": int(c.get("readings_stored", 0) or 0),
+                "messages": int(c.get("messages", 0) or 0),
+                "commits": commits,
+                "commit_ms_mean": round(float(c.get("commit_ms_total", 0) or 0) / commits, 3) if commits else None,
+                "seen_ms_mean": round(float(c.get("seen_ms_total", 0) or 0) / groups, 3) if groups else None,
+                "frames_rejected": int(c.get("frames_rejected", 0) or 0),
+                "takeovers": int(c.get("takeovers", 0) or 0),
+                "redelivered_duplicates": int(c.get("redelivered_duplicates", 0) or 0),
+                "metrics_publish_failed": int(c.get("metrics_publish_failed", 0) or 0),
+                "partitions_owned": snap.get("worker", {}).get("owned"),
+                "cold_start_s": snap.get("gauges", {}).get("cold_start_s"),
+            })
+        return out
 
     #: Control traffic and every budget/deferral, summed per component (report["control"]).
     CONTROL_COUNTERS = {
@@ -701,7 +898,7 @@ class LoadTest:
         out: dict[str, int] = {}
         if col is None:
             return out
-        idents = {"meters": self.fleet_ids, "concentrator": self.relay_ids, "headend": [self.headend_id]}
+        idents = {"meters": self.fleet_ids, "concentrator": self.relay_ids, "headend": self.headend_ids}
         for component, names in self.CONTROL_COUNTERS.items():
             prefix = {"meters": "fleet", "concentrator": "relays", "headend": "headend"}[component]
             for ident in idents[component]:
@@ -734,7 +931,7 @@ class LoadTest:
         while time.time() < deadline:
             self._check_alive()
             self._tick()
-            head = col.latest("headend", self.headend_id)
+            head = self._headend_latest()
             pushed = sum(col.latest("meters", i).get("counters", {}).get("readings_pushed", 0) for i in self.fleet_ids)
             stored = head.get("counters", {}).get("readings_stored", 0)
             gaps = head.get("gauges", {}).get("meters_with_gaps", 1)
@@ -783,6 +980,9 @@ class LoadTest:
             "command": " ".join(sys.argv),
         }
         config["mass_boot"] = o.mass_boot
+        if o.cluster_workers:
+            config["cluster_workers"] = o.cluster_workers
+            config["partitions"] = o.partitions
         report = reportlib.build_report(
             config=config,
             window=window,
@@ -800,6 +1000,8 @@ class LoadTest:
         # reading stored with no gap left; None: not within --drain.
         report["recovery_s"] = self.recovery_s
         report["control"] = self._control_counters()
+        if "cluster" in pipe["final"]:
+            report["cluster"] = pipe["final"]["cluster"]
         accepted = report["throughput"].get("accepted_fps") or 0.0
         for proc in report["processes"]:
             # CPU per accepted reading (us): what each component costs per frame.
@@ -860,6 +1062,9 @@ class LoadTest:
                 c.proc.wait()
         if self.collector is not None:
             self.collector.close()
+        if self.cluster_run is not None:
+            # The nodes by PID (after the workers, which were stopped above), the database unless --keep.
+            self.notes.extend(self.cluster_run.stop(keep=self.o.keep))
         if self.workdir is not None and not self.o.keep and not self.o.profile:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
