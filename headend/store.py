@@ -122,6 +122,26 @@ CREATE TABLE IF NOT EXISTS lease (   -- the single-writer lease (headend.store_s
 
 _SIDECARS = ("-wal", "-shm", "-journal")
 
+#: The highest seq of each meter's readings (the primary key's order: one
+#: index seek per meter, not a scan of the readings).
+SELECT_HIGHEST_READINGS = (
+    "SELECT meter, (SELECT max(seq) FROM readings WHERE readings.meter = meters.meter) FROM meters"
+)
+
+
+def _run_grouped(db: sqlite3.Connection, statements: Iterable[tuple[str, tuple]]) -> None:
+    """Run (sql, args) in order, each run of one statement as one executemany."""
+    run_sql: str | None = None
+    run: list[tuple] = []
+    for sql, args in statements:
+        if sql is not run_sql and run:
+            db.executemany(run_sql, run)
+            run = []
+        run_sql = sql
+        run.append(args)
+    if run:
+        db.executemany(run_sql, run)
+
 
 def _keep_private(path: Path) -> None:
     """Make the store's folder (0700 when created here) and file (0600) before
@@ -161,6 +181,11 @@ class SqliteStore:
         self._owner: str | None = None
         self._fenced: str | None = None  # why commits are refused, once fenced
         self._lock_fd: int | None = None
+        #: meter -> its gaps column as committed (packed, None: no gap), for
+        #: the meters read by _load or written since; and the high_seq values
+        #: not written because a reading of theirs was (see _commit).
+        self._gaps_stored: dict[str, bytes | None] = {}
+        self._high_lagging: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
@@ -275,6 +300,24 @@ class SqliteStore:
             log.error("store_fenced", store=str(self.path), epoch=self.epoch)
             raise Fenced(self._fenced)
 
+    def _write_lagging(self) -> None:
+        """Closing: write the high_seq values _commit left to the readings
+        table, so that the meters table is exact after a clean stop."""
+        if not self._high_lagging or self._fenced or self._owner is None:
+            return
+        db = self._db
+        try:
+            self._begin_write(db)
+        except Fenced:
+            return
+        try:
+            db.executemany(store_sql.UPDATE_HIGH_SEQ, [(h, m) for m, h in self._high_lagging.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._high_lagging.clear()
+
     def _check_lease(self) -> None:
         """An empty commit writes nothing, but a fenced writer must still stop."""
         if self._fenced:
@@ -289,6 +332,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._db is not None:
+            await self._thread.run(self._write_lagging)
             await self._thread.run(self._db.close)
             self._db = None
         await self._thread.run(self._unlock)
@@ -332,10 +376,14 @@ class SqliteStore:
     def _load(self) -> Snapshot:
         db = self._db
         suites = {m: (s, bytes(p) if p is not None else None) for m, s, p in db.execute(store_sql.SELECT_METER_SUITES)}
+        highest = {m: h for m, h in db.execute(SELECT_HIGHEST_READINGS) if h is not None}
+        rows = db.execute(store_sql.SELECT_METERS).fetchall()
         meters = [
-            MeterRow(m, bytes(t), c, h, msgpack.unpackb(g) if g else [], *suites.get(m, (0, None)))
-            for m, t, c, h, g in db.execute(store_sql.SELECT_METERS)
+            MeterRow(m, bytes(t), c, _max_seq(h, highest.get(m)), msgpack.unpackb(g) if g else [],
+                     *suites.get(m, (0, None)))
+            for m, t, c, h, g in rows
         ]
+        self._gaps_stored = {m: (bytes(g) if g else None) for m, _t, _c, _h, g in rows}
         raw_keys = list(db.execute(store_sql.SELECT_LIVE_KEYS))
         raw_sessions = list(db.execute(store_sql.SELECT_SESSIONS))
         clear = unwrap_rows(self, raw_keys, raw_sessions)
@@ -360,51 +408,90 @@ class SqliteStore:
             await self._thread.run(self._check_lease)
 
     def _commit(self, batch: Commit) -> None:
+        """One transaction, set-based: each run of rows that take the same
+        statement goes in one ``executemany`` (rows still apply in list order).
+
+        A meter row whose gaps are unchanged and whose ``high_seq`` is the seq
+        of a reading of the same commit is not written: the readings table
+        holds that seq (``_load`` and :func:`read_store_file` take the
+        highest of both), and the gaps column is what the store already has.
+        This saves one scattered B-tree update per reading; ``close`` writes
+        the high_seq values so saved (a crash leaves them to the readings)."""
         db = self._db
-        vault = self.vault
         self._begin_write(db)
         try:
             if batch.readings:
                 # ON CONFLICT, not OR IGNORE: only a duplicate (meter, seq) is
                 # skipped; a malformed row must fail the whole commit.
                 db.executemany(store_sql.INSERT_READING, batch.readings)
-            for k in batch.keys:
-                if k.key is not None:
-                    db.execute(
-                        store_sql.UPSERT_KEY,
-                        (k.meter, k.key_type.value, k.version, k.state.value,
-                         vault.wrap(k.key, key_identity(k.meter, k.key_type.value, k.version)), k.created, k.tx_mark,
-                         k.rx_lowest),
-                    )
-                else:
-                    db.execute(
-                        store_sql.UPDATE_KEY,
-                        (k.state.value, k.tx_mark, k.rx_lowest, k.meter, k.key_type.value, k.version),
-                    )
-            for s in batch.sessions:
-                if s.deleted:
-                    db.execute(store_sql.DELETE_SESSION, (s.meter, int(s.pending)))
-                elif s.key is not None:
-                    db.execute(
-                        store_sql.UPSERT_SESSION,
-                        (s.meter, int(s.pending), s.serial, vault.wrap(s.key, session_identity(s.meter, s.serial)), s.created,
-                         s.tx_mark, s.rx_lowest, s.frames,
-                         s.lan_version),
-                    )
-                else:
-                    db.execute(
-                        store_sql.UPDATE_SESSION,
-                        (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial),
-                    )
+            if batch.keys:
+                _run_grouped(db, self._key_statements(batch.keys))
+            if batch.sessions:
+                _run_grouped(db, self._session_statements(batch.sessions))
+            written: dict[str, bytes | None] = {}
+            lagging: dict[str, int] = {}
             if batch.meters:
-                db.executemany(
-                    store_sql.UPDATE_METER,
-                    [(m.high_seq, msgpack.packb(m.gaps) if m.gaps else None, m.meter) for m in batch.meters],
-                )
+                args = self._meter_args(batch, written, lagging)
+                if args:
+                    db.executemany(store_sql.UPDATE_METER, args)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # Committed: what the meters table now holds.
+        self._gaps_stored.update(written)
+        for meter in written:
+            self._high_lagging.pop(meter, None)
+        self._high_lagging.update(lagging)
+
+    def _key_statements(self, keys: list[KeyRow]):
+        vault = self.vault
+        for k in keys:
+            if k.key is not None:
+                yield store_sql.UPSERT_KEY, (
+                    k.meter, k.key_type.value, k.version, k.state.value,
+                    vault.wrap(k.key, key_identity(k.meter, k.key_type.value, k.version)), k.created, k.tx_mark,
+                    k.rx_lowest,
+                )
+            else:
+                yield store_sql.UPDATE_KEY, (k.state.value, k.tx_mark, k.rx_lowest, k.meter, k.key_type.value,
+                                             k.version)
+
+    def _session_statements(self, sessions: list[SessionRow]):
+        vault = self.vault
+        for s in sessions:
+            if s.deleted:
+                yield store_sql.DELETE_SESSION, (s.meter, int(s.pending))
+            elif s.key is not None:
+                yield store_sql.UPSERT_SESSION, (
+                    s.meter, int(s.pending), s.serial, vault.wrap(s.key, session_identity(s.meter, s.serial)),
+                    s.created, s.tx_mark, s.rx_lowest, s.frames, s.lan_version,
+                )
+            else:
+                yield store_sql.UPDATE_SESSION, (s.tx_mark, s.rx_lowest, s.frames, s.meter, s.serial)
+
+    def _meter_args(self, batch: Commit, written: dict[str, bytes | None],
+                    lagging: dict[str, int]) -> list[tuple[int | None, bytes | None, str]]:
+        """UPDATE_METER arguments, the rows that need no write left out (see _commit)."""
+        here = {(r[0], r[1]) for r in batch.readings}  # (meter, seq) of the readings of this commit
+        stored = self._gaps_stored
+        args = []
+        for m in batch.meters:
+            gaps = msgpack.packb(m.gaps) if m.gaps else None
+            meter = m.meter
+            if (
+                m.high_seq is not None
+                and (meter, m.high_seq) in here
+                and meter in stored
+                and stored[meter] == gaps
+                and meter not in written
+            ):
+                lagging[meter] = m.high_seq
+                continue
+            written[meter] = gaps
+            lagging.pop(meter, None)
+            args.append((m.high_seq, gaps, meter))
+        return args
 
     # -- queries (tests, `ami tsp`, reports) ----------------------------------
 
@@ -427,6 +514,13 @@ class SqliteStore:
         return SecretBytes(await asyncio.to_thread(unwrap_one, self, wrapped, key_identity(meter, key_type.value,
                                                                                            version)))
 
+
+
+def _max_seq(stored: int | None, highest_reading: int | None) -> int | None:
+    """A meter's high_seq: its meters row's, or its highest stored reading's if higher."""
+    if highest_reading is None:
+        return stored
+    return highest_reading if stored is None else max(stored, highest_reading)
 
 
 # -- a store file as it lies on disk (no vault) -----------------------------------
@@ -537,8 +631,9 @@ def read_store_file(path: Path | str, *, samples: int = 3) -> StoreContents:
     with closing(sqlite3.connect(path)) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(meters)")}
         suite = "suite" if "suite" in columns else "0"  # a store from before suite 1
+        highest = {m: h for m, h in db.execute(SELECT_HIGHEST_READINGS) if h is not None}
         meters = tuple(
-            StoredMeter(m, bytes(t), c, h, s)
+            StoredMeter(m, bytes(t), c, _max_seq(h, highest.get(m)), s)
             for m, t, c, h, s in db.execute(
                 f"SELECT meter, system_title, concentrator, high_seq, {suite} FROM meters ORDER BY meter"
             )

@@ -70,6 +70,7 @@ __all__ = [
     "suite_rows",
     "SELECT_SESSIONS",
     "UPDATE_KEY",
+    "UPDATE_HIGH_SEQ",
     "UPDATE_METER",
     "UPDATE_SESSION",
     "UPSERT_KEY",
@@ -163,6 +164,7 @@ UPDATE_SESSION = (
     "UPDATE sessions SET tx_mark = ?, rx_lowest = ?, frames = ? WHERE meter = ? AND pending = FALSE AND serial = ?"
 )
 UPDATE_METER = "UPDATE meters SET high_seq = ?, gaps = ? WHERE meter = ?"
+UPDATE_HIGH_SEQ = "UPDATE meters SET high_seq = ? WHERE meter = ?"
 
 # Suite 1 (the meter's LAN association suite, and its public signing key).
 #: Columns added to ``meters`` (ALTER TABLE on a store from before suite 1).

@@ -62,6 +62,9 @@ class _Engine:
     """Drains effects that would be published: frames, a reply, an event."""
 
     counters: dict = {}
+    publish_pending = True  # HeadEndEngine's: something to publish, so the round commits now
+    readings_pending = 1
+    latencies_pending = 0
 
     def tick(self, now: float) -> None:
         pass
@@ -113,7 +116,7 @@ def test_the_inbox_is_bounded_and_serves_commands_first(data_dir: Path) -> None:
     assert service._inbox.pop().payload == b"1000"  # the command first, then the oldest WAN messages
     assert [service._inbox.pop().payload for _ in range(5)] == [str(n).encode() for n in range(5)]
     service.engine = type("E", (), {"counters": {}, "rejected": {}, "meters": {}, "meters_pending": 0,
-                                    "meters_with_gaps": 0})()
+                                    "meters_with_gaps": 0, "gap_fill_in_flight": 0})()
     assert service._snapshot()["counters"]["inbox_dropped"] == 95
 
 

@@ -636,7 +636,9 @@ def test_read_store_file_needs_no_vault(tmp_path: Path) -> None:
     assert [(m.meter, m.system_title.hex(), m.concentrator) for m in contents.meters] == [
         (r["meter"], r["system_title"], r["concentrator"]) for r in records
     ]
-    assert [m.high_seq for m in contents.meters] == [4, None]
+    # The highest reading seq stored: the meters row's, or the readings' when
+    # higher (SqliteStore._commit leaves a high_seq to the reading that has it).
+    assert [m.high_seq for m in contents.meters] == [4, 3]
     assert [(k.meter, k.key_type, k.version, k.state) for k in contents.keys] == sorted(
         (r["meter"], kt.value, 1, "active") for r in records for kt in FACTORY_TYPES
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import heapq
 import math
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +121,12 @@ class Policy:
     max_pending_associations: int = 2000
     #: Gap-fill requests sent per tick, all meters together.
     max_gap_requests_per_tick: int = 2000
+    #: Gap-fill requests unanswered at once, all meters together: a request
+    #: holds its slot until a reply naming it arrives or gap_fill_retry_s
+    #: passes, so gap-fill asks no faster than the fleet answers (its replies
+    #: beyond the fleet's budget are shed and would only be asked again).
+    #: 0: no bound in flight (only max_gap_requests_per_tick).
+    gap_fill_max_in_flight: int = 512
     association_max_attempts: int = 8
     transfer_timeout_s: float = 10.0
     transfer_max_attempts: int = 5
@@ -185,6 +191,7 @@ def _suite_of_general_frame(data: bytes) -> int:
 
 
 _GENERAL = frozenset({GENERAL_GLO_CIPHERING, GENERAL_DED_CIPHERING})
+_DC = bytes((GENERAL_DED_CIPHERING,))
 
 
 class HeadEndEngine:
@@ -208,6 +215,11 @@ class HeadEndEngine:
         self.campaigns: dict[str, Campaign] = {}
         self._gap_meters: set[str] = set()
         self._gap_heap: list[tuple[float, str]] = []  # (when some gap of the meter is due, meter)
+        #: Gap-fill requests unanswered: request id -> (meter, retry time); at
+        #: most Policy.gap_fill_max_in_flight.  Their timeouts, in a heap.
+        self._gap_inflight: dict[int, tuple[str, float]] = {}
+        self._gap_timeouts: list[tuple[float, int]] = []
+        self._gap_ready: deque[str] = deque()  # due meters waiting for a free slot (FIFO)
         self._associating = 0  # meters with an association in flight
         self._waiting: dict[str, str] = {}  # meters queued for an association -> reason (FIFO)
         self._pending_meters: set[str] = set()  # association or transfer in flight
@@ -231,6 +243,28 @@ class HeadEndEngine:
     def meters_with_gaps(self) -> int:
         """Meters with at least one missing reading still to fetch."""
         return len(self._gap_meters)
+
+    @property
+    def publish_pending(self) -> bool:
+        """Something drained now would have to be published (downlink frames,
+        replies, events).  False: what waits is only rows to commit, and a
+        shell may let them gather over a few rounds before it drains."""
+        return bool(self._downlink or self._replies or self._events or self._campaign_done)
+
+    @property
+    def readings_pending(self) -> int:
+        """Readings handled since the last drain (not yet handed to a store)."""
+        return len(self._readings)
+
+    @property
+    def latencies_pending(self) -> int:
+        """Latency samples since the last drain (``Effects.latencies_ns`` so far)."""
+        return len(self._latencies)
+
+    @property
+    def gap_fill_in_flight(self) -> int:
+        """Gap-fill requests sent and not yet answered nor timed out."""
+        return len(self._gap_inflight)
 
     # -- outputs --------------------------------------------------------------
 
@@ -272,13 +306,17 @@ class HeadEndEngine:
         for mid in self._deleted_sessions:
             if self.meters[mid].session is None:
                 commit.sessions.append(SessionRow(mid, 0, 0.0, 0, 0, 0, deleted=True))
+        meters = self.meters
+        new_sessions = self._new_sessions
+        add_session = commit.sessions.append
         for mid in self._dirty_sessions:
-            s = self.meters[mid].session
-            if s is None or self.meters[mid].suite:
+            m = meters[mid]
+            s = m.session
+            if s is None or m.suite:
                 # Suite 1: the session key is never stored (forward secrecy):
                 # after a restart the meter re-associates.
                 continue
-            commit.sessions.append(
+            add_session(
                 SessionRow(
                     mid,
                     s.serial,
@@ -286,7 +324,7 @@ class HeadEndEngine:
                     s.sealer.counter.reserved_until,
                     s.opener.counter.lowest_acceptable,
                     s.frames,
-                    s.key if mid in self._new_sessions else None,
+                    s.key if mid in new_sessions else None,
                 )
             )
         for mid in self._dirty_pending:
@@ -300,9 +338,11 @@ class HeadEndEngine:
                     SessionRow(mid, pa.serial, pa.sent_at, 0, 0, 0, pa.session_key, pending=True,
                                lan_version=pa.version)
                 )
+        add_meter = commit.meters.append
         for mid in self._dirty_meters:
-            m = self.meters[mid]
-            commit.meters.append(MeterRow(mid, m.title, m.concentrator, m.high_seq, sorted(m.gaps)))
+            m = meters[mid]
+            gaps = m.gaps
+            add_meter(MeterRow(mid, m.title, m.concentrator, m.high_seq, sorted(gaps) if gaps else []))
         effects = Effects(commit, dict(self._downlink), self._replies, self._events, self._latencies)
         self._reset_outputs()
         return effects
@@ -445,9 +485,72 @@ class HeadEndEngine:
         if wan_concentrator is not None and batch.concentrator != wan_concentrator:
             self._reject(WrongSegment.reason, now, where="wan_batch", concentrator=wan_concentrator)
             return
-        self.counters["batches"] += 1
-        for label, apdu in batch.frames:
-            self.handle_frame(batch.concentrator, label, apdu, now)
+        counters = self.counters
+        counters["batches"] += 1
+        conc = batch.concentrator
+        # The hot path, inline: a suite-0 meter's frame under its one current
+        # session, a reading that follows the last one.  Exactly what
+        # handle_frame does for it, without its dispatch; anything else (or
+        # a frame that fails to parse or open here, which changes nothing)
+        # goes through handle_frame.
+        by_title = self.by_title
+        readings = self._readings
+        latencies = self._latencies
+        dirty_sessions = self._dirty_sessions
+        dirty_meters = self._dirty_meters
+        p = self.policy
+        max_frames, renew_ic = p.session_max_frames, p.session_renew_at_ic
+        now_ns = int(now * 1e9)
+        up = accepted = stored = 0
+        try:
+            for label, data in batch.frames:
+                m = by_title.get(data[2:10]) if data[:1] == _DC else None
+                if (
+                    m is None
+                    or m.suite
+                    or m.previous is not None
+                    or (s := m.session) is None
+                    or m.concentrator != conc
+                    or m.meter != label
+                ):
+                    self.handle_frame(conc, label, data, now)
+                    continue
+                try:
+                    plaintext = s.opener.open(parse_apdu(data))
+                except ProtocolError:
+                    # Nothing moved (the counter moves only once the tag
+                    # verified): the general path judges and names it.
+                    self.handle_frame(conc, label, data, now)
+                    continue
+                up += 1
+                s.frames += 1
+                m.auth_failures = 0
+                mid = m.meter
+                dirty_sessions.add(mid)
+                accepted += 1
+                try:
+                    msg = decode_message(plaintext)
+                    if type(msg) is Reading and (high := m.high_seq) is not None and msg.seq == high + 1:
+                        m.high_seq = msg.seq
+                        dirty_meters.add(mid)
+                        readings.append((mid, msg.seq, msg.ts, msg.energy_wh, msg.power_w, msg.voltage_dv, now))
+                        stored += 1
+                        if msg.sealed_ns is not None:
+                            latencies.append(now_ns - msg.sealed_ns)
+                        if m.association is None and (
+                            s.frames >= max_frames
+                            or s.opener.counter.lowest_acceptable >= renew_ic
+                            or s.sealer.counter.next_value >= renew_ic
+                        ):
+                            self._associate(m, now, "renewal")
+                    else:
+                        self._on_session_message(m, s, msg, now)
+                except ProtocolError as exc:
+                    self._reject(exc.reason, now, meter=mid, concentrator=conc, detail=exc.detail)
+        finally:
+            counters["frames_up"] += up
+            counters["frames_accepted"] += accepted
+            counters["readings_stored"] += stored
 
     def handle_frame(self, concentrator: str, label: str, data: bytes, now: float) -> None:
         self.counters["frames_up"] += 1
@@ -503,16 +606,14 @@ class HeadEndEngine:
         if session is m.session:
             self._dirty_sessions.add(m.meter)
         self.counters["frames_accepted"] += 1
-        msg = decode_message(plaintext)
+        self._on_session_message(m, session, decode_message(plaintext), now)
+
+    def _on_session_message(self, m: MeterState, session: Session, msg: Any, now: float) -> None:
+        """A message that verified under ``session`` (counter already moved)."""
         if isinstance(msg, Reading):
             self._on_reading(m, msg, now)
         elif isinstance(msg, GapFillReply):
-            for r in msg.readings:
-                self._on_reading(m, r, now, gap_fill=True)
-            for seq in msg.unavailable:
-                if m.gaps.pop(seq, None) is not None:
-                    self.counters["readings_unrecoverable"] += 1
-                    self._dirty_meters.add(m.meter)
+            self._on_gap_fill_reply(m, msg, now)
         elif isinstance(msg, ReadReply):
             self._on_read_reply(m, msg)
         elif isinstance(msg, KeyTransferAck):
@@ -709,14 +810,54 @@ class HeadEndEngine:
         if r.sealed_ns is not None:
             self._latencies.append(int(now * 1e9) - r.sealed_ns)
 
+    def _gap_slots_free(self) -> int:
+        bound = self.policy.gap_fill_max_in_flight
+        return bound - len(self._gap_inflight) if bound > 0 else self.policy.max_gap_requests_per_tick
+
+    def _on_gap_fill_reply(self, m: MeterState, msg: GapFillReply, now: float) -> None:
+        """The meter's answer (or one chunk of it): its request's slot is free
+        again, whatever the reply holds (what is still missing is asked again
+        when its retry time comes)."""
+        sent = self._gap_inflight.get(msg.request_id)
+        if sent is not None and sent[0] == m.meter:
+            del self._gap_inflight[msg.request_id]
+        for r in msg.readings:
+            self._on_reading(m, r, now, gap_fill=True)
+        for seq in msg.unavailable:
+            if m.gaps.pop(seq, None) is not None:
+                self.counters["readings_unrecoverable"] += 1
+                self._dirty_meters.add(m.meter)
+
     def _gap_fill(self, now: float) -> None:
-        """Ask for the gaps that are due, meters in due order, a bounded number
-        of requests per tick (a heap: no scan of every meter with gaps)."""
-        budget = self.policy.max_gap_requests_per_tick
+        """Ask for the gaps that are due, meters in due order, bounded twice:
+        ``max_gap_requests_per_tick`` per tick and ``gap_fill_max_in_flight``
+        requests unanswered at once (a heap: no scan of every meter with gaps).
+
+        A request holds its slot until a reply naming it arrives or its retry
+        time (``gap_fill_retry_s``) passes; its missing readings are then due
+        again.  Meters found due while every slot is taken wait, in order, in
+        a queue of their own (``gap_fill_deferred`` counts them), served first
+        once slots free up: gap-fill never asks faster than the fleet answers.
+        """
+        p = self.policy
+        inflight = self._gap_inflight
+        timeouts = self._gap_timeouts
+        while timeouts and timeouts[0][0] <= now:
+            _deadline, rid = heapq.heappop(timeouts)
+            if inflight.pop(rid, None) is not None:
+                self.counters["gap_fill_timeouts"] += 1
+        budget = min(p.max_gap_requests_per_tick, self._gap_slots_free())
         heap = self._gap_heap
+        ready = self._gap_ready
         deferred: list[tuple[float, str]] = []
-        while heap and heap[0][0] <= now and budget > 0:
-            _when, mid = heapq.heappop(heap)
+        while budget > 0:
+            if ready:
+                mid = ready.popleft()
+                self.meters[mid].gap_waiting = False
+            elif heap and heap[0][0] <= now:
+                _when, mid = heapq.heappop(heap)
+            else:
+                break
             m = self.meters[mid]
             if not m.gaps:
                 self._gap_meters.discard(mid)
@@ -724,7 +865,7 @@ class HeadEndEngine:
             if m.session is None or m.association is not None or m.session.receive_only:
                 if m.session is not None and m.session.receive_only:
                     self._associate(m, now, "downlink_needed")
-                deferred.append((now + self.policy.gap_fill_delay_s, mid))  # ask once associated
+                deferred.append((now + p.gap_fill_delay_s, mid))  # ask once associated
                 continue
             due = sorted(seq for seq, when in m.gaps.items() if when <= now)
             ranges: list[list[int]] = []
@@ -733,15 +874,29 @@ class HeadEndEngine:
                     ranges[-1][1] = seq
                 else:
                     ranges.append([seq, seq])
+            retry = now + p.gap_fill_retry_s
             for first, last in ranges[: min(8, budget)]:  # bound the burst per meter per tick
-                self._send_session(m, GapFillRequest(self._next_request_id(), first, last))
+                rid = self._next_request_id()
+                self._send_session(m, GapFillRequest(rid, first, last))
+                inflight[rid] = (mid, retry)
+                heapq.heappush(timeouts, (retry, rid))
                 self.counters["gap_fill_requests"] += 1
                 budget -= 1
-                retry = now + self.policy.gap_fill_retry_s
                 for seq in range(first, last + 1):
                     m.gaps[seq] = retry
             if m.gaps:
                 deferred.append((min(m.gaps.values()), mid))
+        if self._gap_slots_free() <= 0:
+            # Every slot taken: what is due waits for one, in due order.
+            while heap and heap[0][0] <= now:
+                _when, mid = heapq.heappop(heap)
+                m = self.meters[mid]
+                if not m.gaps:
+                    self._gap_meters.discard(mid)
+                elif not m.gap_waiting:
+                    m.gap_waiting = True
+                    ready.append(mid)
+                    self.counters["gap_fill_deferred"] += 1
         for item in deferred:
             heapq.heappush(heap, item)
 
@@ -1381,10 +1536,14 @@ class HeadEndEngine:
                     when = min(when, pa.held_until)
             if t is not None:
                 when = min(when, t.sent_at + p.transfer_timeout_s)
-        for heap in (self._later, self._cooling, self._age_heap, self._gap_heap, self._reads_heap):
+        for heap in (self._later, self._cooling, self._age_heap, self._gap_heap, self._reads_heap, self._gap_timeouts):
             if heap:
                 when = min(when, heap[0][0])
-        if (self._waiting and self._associating < p.max_pending_associations) or self._campaign_done:
+        if (
+            (self._waiting and self._associating < p.max_pending_associations)
+            or self._campaign_done
+            or (self._gap_ready and self._gap_slots_free() > 0)
+        ):
             when = -math.inf  # now
         return when
 

@@ -161,6 +161,9 @@ class MeterState:
     # (``expired_key``) from a forgery (``auth_failed``).  Never used to accept.
     expired_session_key: SecretBytes | None = None
     expired_keys: dict[KeyType, GlobalKey] = field(default_factory=dict)
+    #: In the engine's queue of meters whose gaps are due and wait for a
+    #: free gap-fill slot (Policy.gap_fill_max_in_flight).
+    gap_waiting: bool = False
 
     def key(self, key_type: KeyType, version: int | None = None) -> GlobalKey:
         slot = self.slots[key_type]

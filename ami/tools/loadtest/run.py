@@ -890,7 +890,8 @@ class LoadTest:
                    "gap_fill_frames_shed", "aarq_repeated", "frames_dropped", "publish_failed"),
         "concentrator": ("control_up", "control_down", "control_shed", "publish_failed"),
         "headend": ("aarq_sent", "aarq_retransmitted", "association_timeouts", "associations_queued",
-                    "associations_rate_limited", "gap_fill_requests", "readings_gap_filled", "inbox_dropped"),
+                    "associations_rate_limited", "gap_fill_requests", "gap_fill_deferred", "gap_fill_timeouts",
+                    "readings_gap_filled", "inbox_dropped"),
     }
 
     def _control_counters(self) -> dict[str, int]:
