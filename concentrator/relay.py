@@ -26,10 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from ami.protocol import topics
 from ami.protocol.errors import MalformedMessage
 from ami.protocol.frames import MAX_APDU_SIZE  # the frame codec needs no crypto
-from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, Batch, decode_batch, encode_batch
+from ami.protocol.messages import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, VERSION, decode_batch
 from ami.runtime import mqtt
 from ami.runtime.budget import TokenBucket
 from ami.runtime.bus import make_fast_client
@@ -90,6 +92,65 @@ class RelaySettings:
         return settings
 
 
+class FlushScheduler:
+    """The time flushes of every relay of a process, on one timer.
+
+    A relay that opens a batch registers it with its due time (now +
+    ``batch_max_delay_ms``); the delay is the same for every relay of the
+    process, so the registrations arrive in due order and a deque holds them.
+    One loop timer is armed for the earliest; when it fires it flushes every
+    batch due within ``slack`` from then, and re-arms for the next.  A batch
+    therefore leaves at most ``batch_max_delay_ms`` after it opened (never
+    later, at most ``slack`` earlier), and the process arms a few hundred
+    timers a second instead of one ``call_later`` per batch.  A registration
+    whose batch left earlier (count, size or AARE flush) is skipped: the
+    relay's ``_due`` no longer matches.
+    """
+
+    __slots__ = ("delay", "slack", "due", "timer", "loop")
+
+    def __init__(self, delay_s: float, slack_s: float | None = None) -> None:
+        self.delay = max(0.0, delay_s)
+        # Up to a tenth of the delay early, at most 5 ms, at least 1 ms (the
+        # loop's timer resolution, uvloop's is 1 ms).
+        self.slack = slack_s if slack_s is not None else max(0.001, min(self.delay / 10, 0.005))
+        self.due: deque[tuple[float, Relay]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, relay: Relay) -> float:
+        """Register ``relay``'s newly opened batch; return its due time."""
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # first use, or a new loop: the old one's timer is gone
+            self.loop, self.timer = loop, None
+            self.due.clear()
+        due = loop.time() + self.delay
+        self.due.append((due, relay))
+        if self.timer is None:
+            self.timer = loop.call_at(due, self._fire)
+        return due
+
+    def _fire(self) -> None:
+        self.timer = None
+        queue = self.due
+        loop = asyncio.get_running_loop()
+        limit = loop.time() + self.slack
+        while queue:
+            due, relay = queue[0]
+            if due > limit:
+                self.timer = loop.call_at(due, self._fire)
+                return
+            queue.popleft()
+            if relay._due == due:
+                relay.flush()
+
+
+#: One packer for every batch (msgpack.packb builds a Packer per call); bytes
+#: identical to ``ami.protocol.messages.encode_batch`` (tests/test_relay_hotpath.py).
+_packer = msgpack.Packer(use_bin_type=True)
+_BATCH_LIMIT = MAX_BATCH_BYTES - _BATCH_HEADROOM
+
+
 class Relay:
     """One concentrator: its connection, its open uplink batch, its send queue."""
 
@@ -100,6 +161,7 @@ class Relay:
         client: mqtt.Client,
         settings: RelaySettings,
         metrics: Metrics,
+        scheduler: FlushScheduler | None = None,
     ) -> None:
         self.concentrator = concentrator
         self.meters = frozenset(meters) if meters is not None else None
@@ -107,12 +169,13 @@ class Relay:
         self.s = settings
         self.metrics = metrics
         self.up = False
-        self.batch: list[tuple[str, bytes]] = []
+        self.batch: list[tuple[str, bytes]] = []  # (meter, frame), packed as they are
         self.batch_bytes = 0
         # Monotonic across restarts of the relay process (a hint for the
         # head-end's logs; it never relies on it for security).
         self.seq = time.time_ns() // 1_000_000
-        self._timer: asyncio.TimerHandle | None = None
+        self.scheduler = scheduler if scheduler is not None else FlushScheduler(settings.batch_max_delay_ms / 1000.0)
+        self._due = 0.0  # due time of the open batch's time flush, 0.0: none registered
         self.outq: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._paused = False
@@ -120,6 +183,20 @@ class Relay:
         self.inflight = 0
         self._wan_up = topics.wan_up(concentrator)
         self._wan_down = topics.wan_down(concentrator)
+        # A batch's map up to the value of "n": fixmap of 4, "v": VERSION, "c": concentrator, "n".
+        self._batch_head = b"\x84" + _packer.pack({"v": VERSION, "c": concentrator})[1:] + b"\xa1n"
+        # The segment's PLC uplink topics, prebuilt: one dict lookup per frame
+        # names the meter and checks it belongs here (no parse, no set).
+        self._up_topics: dict[str, str] = {}
+        self._down_topics: dict[str, str] = {}
+        if self.meters is not None:
+            for m in self.meters:
+                if _METER_ID.fullmatch(m):
+                    self._up_topics[topics.plc_up(concentrator, m)] = m
+                    self._down_topics[m] = topics.plc_down(concentrator, m)
+        self._max_frames = settings.batch_max_frames
+        self._window = settings.window
+        self._max_queue = settings.max_queue
 
     def __repr__(self) -> str:
         return f"<Relay {self.concentrator} batch={len(self.batch)} queued={len(self.outq)}>"
@@ -127,14 +204,43 @@ class Relay:
     # --- intake -------------------------------------------------------------------
 
     def on_message(self, topic: str, payload: Any) -> None:
-        if topic == self._wan_down:
-            self.on_wan_down(payload)
+        meter = self._up_topics.get(topic)
+        if meter is None or type(payload) is not bytes or payload[:1] == _AARE:
+            self._on_message_slow(topic, payload, meter)
             return
-        parsed = topics.parse_plc_up(topic)
-        if parsed is None or parsed[0] != self.concentrator:
-            self.metrics.reject("unexpected_topic")
+        # The hot path: a reading frame from a meter of this segment.
+        size = len(payload)
+        if size > MAX_APDU_SIZE:
+            self.metrics.reject("oversized_frame")
             return
-        self.on_plc_up(parsed[1], payload)
+        batch = self.batch
+        size += len(meter) + _ITEM_OVERHEAD
+        if batch:
+            if self.batch_bytes + size > _BATCH_LIMIT:
+                self.flush()
+                batch = self.batch
+        batch.append((meter, payload))
+        if len(batch) == 1:
+            self.batch_bytes = size
+            if self._max_frames > 1:
+                self._due = self.scheduler.add(self)
+                return
+        else:
+            self.batch_bytes += size
+        if len(batch) >= self._max_frames:
+            self.flush()
+
+    def _on_message_slow(self, topic: str, payload: Any, meter: str | None) -> None:
+        if meter is None:
+            if topic == self._wan_down:
+                self.on_wan_down(payload)
+                return
+            parsed = topics.parse_plc_up(topic)
+            if parsed is None or parsed[0] != self.concentrator:
+                self.metrics.reject("unexpected_topic")
+                return
+            meter = parsed[1]
+        self.on_plc_up(meter, payload)
 
     def on_plc_up(self, meter: str, payload: Any) -> None:
         if not isinstance(payload, (bytes, bytearray)):
@@ -156,35 +262,37 @@ class Relay:
                 return
             self.metrics.incr("control_up")
         size = len(payload) + len(meter) + _ITEM_OVERHEAD
-        if self.batch and self.batch_bytes + size > MAX_BATCH_BYTES - _BATCH_HEADROOM:
+        if self.batch and self.batch_bytes + size > _BATCH_LIMIT:
             self.flush()
-        self.batch.append((meter, bytes(payload)))
+        self.batch.append((meter, payload if type(payload) is bytes else bytes(payload)))
         self.batch_bytes += size
-        self.metrics.incr("frames_up")
-        if control or len(self.batch) >= self.s.batch_max_frames:
+        if control or len(self.batch) >= self._max_frames:
             self.flush()
-        elif self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self.s.batch_max_delay_ms / 1000.0, self.flush)
+        elif len(self.batch) == 1:
+            self._due = self.scheduler.add(self)
 
     def flush(self) -> None:
-        """Close the open batch and queue it for the WAN (count or time flush)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self.batch:
+        """Close the open batch and queue it for the WAN (count, size, AARE or time flush)."""
+        self._due = 0.0
+        frames = self.batch
+        if not frames:
             return
-        frames, self.batch, self.batch_bytes = tuple(self.batch), [], 0
+        self.batch, self.batch_bytes = [], 0
         self.seq += 1
-        self._enqueue(self._wan_up, encode_batch(Batch(self.concentrator, self.seq, frames)))
-        self.metrics.incr("batches_up")
+        counters = self.metrics.counters
+        counters["frames_up"] += len(frames)
+        counters["batches_up"] += 1
+        # encode_batch's bytes ({"v", "c", "n", "f"}), without its Batch, tuples,
+        # per-call Packer, and with the constant head packed once.
+        pack = _packer.pack
+        self._enqueue(self._wan_up, b"".join((self._batch_head, pack(self.seq), b"\xa1f", pack(frames))))
 
     def on_wan_down(self, payload: Any) -> None:
         if not isinstance(payload, (bytes, bytearray)):
             self.metrics.reject("malformed_message")
             return
         try:
-            batch = decode_batch(bytes(payload))  # bounded: size, item count, lengths
+            batch = decode_batch(payload if type(payload) is bytes else bytes(payload))  # bounded
         except MalformedMessage as exc:
             self.metrics.reject(exc.reason)
             return
@@ -193,9 +301,16 @@ class Relay:
             return
         self.metrics.incr("batches_down")
         for meter, frame in batch.frames:
-            if not _METER_ID.fullmatch(meter) or (self.meters is not None and meter not in self.meters):
+            if self.meters is not None:
+                topic = self._down_topics.get(meter)
+                if topic is None:
+                    self.metrics.reject("unknown_meter")
+                    continue
+            elif not _METER_ID.fullmatch(meter):
                 self.metrics.reject("unknown_meter")
                 continue
+            else:
+                topic = topics.plc_down(self.concentrator, meter)
             if len(frame) > MAX_APDU_SIZE:
                 self.metrics.reject("oversized_frame")
                 continue
@@ -204,29 +319,40 @@ class Relay:
                     self.metrics.incr("control_shed")  # the head-end retransmits it after its timeout
                     continue
                 self.metrics.incr("control_down")
-            self._enqueue(topics.plc_down(self.concentrator, meter), frame)
+            self._enqueue(topic, frame)
             self.metrics.incr("frames_down")
 
     # --- output -----------------------------------------------------------------------
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
-        self.outq.append((topic, payload))
+        outq = self.outq
+        if not outq and self.up and self.inflight < self._window:
+            # Nothing waiting and room in the window: publish now (what the
+            # sender would do next), without waking it.
+            self.inflight += 1
+            try:
+                self.client.publish_nowait(topic, payload, self.s.qos, self._done)
+            except mqtt.MqttError:
+                self._done(mqtt.MqttError("not connected"))
+            return
+        outq.append((topic, payload))
         self._wake.set()
-        if len(self.outq) >= self.s.max_queue and not self._paused:
+        if len(outq) >= self._max_queue and not self._paused:
             # Back-pressure on a slow broker: stop reading (TCP does the rest).
             self._paused = True
             self.client.pause_reading()
 
+    def _done(self, error: BaseException | None) -> None:
+        """A publish's PUBACK (``None``) or its loss."""
+        self.metrics.counters["publish_failed" if error is not None else "messages_sent"] += 1
+        self.inflight -= 1
+        if self.outq and self.inflight == self._window - 1:
+            self._wake.set()
+
     async def _sender(self) -> None:
         """Publish the queue in order, up to ``window`` QoS 1 acks outstanding."""
-        outq, client, qos, window = self.outq, self.client, self.s.qos, self.s.window
-        counters = self.metrics.counters
-
-        def done(error: BaseException | None) -> None:
-            counters["publish_failed" if error is not None else "messages_sent"] += 1
-            self.inflight -= 1
-            if self.inflight == window - 1:
-                self._wake.set()
+        outq, client, qos, window = self.outq, self.client, self.s.qos, self._window
+        done = self._done
 
         while True:
             if not outq or self.inflight >= window:
@@ -240,7 +366,7 @@ class Relay:
                     client.publish_nowait(topic, payload, qos, done)
                 except mqtt.MqttError:
                     done(mqtt.MqttError("not connected"))
-            if len(outq) < self.s.max_queue // 2 and self._paused:
+            if len(outq) < self._max_queue // 2 and self._paused:
                 self._paused = False
                 client.resume_reading()
             await asyncio.sleep(0)
@@ -261,8 +387,8 @@ class Relay:
             self._paused = False
             await client.subscribe(topics.plc_up_filter(self.concentrator), qos=self.s.qos)
             await client.subscribe(self._wan_down, qos=self.s.qos)
-            self.up = True
             sender = asyncio.create_task(self._sender())
+            self.up = True
             await client.wait_disconnected()
         finally:
             self.up = False
@@ -298,10 +424,12 @@ class RelayProcess:
         """Create the relays (aiomqtt clients need the running loop)."""
         s = self.s
         self.relays = []
+        # One timer for every relay's time flushes (not one call_later per batch).
+        scheduler = FlushScheduler(s.batch_max_delay_ms / 1000.0)
         for c in self.chosen:
             # The hot path's client (ami.runtime.mqtt): a fraction of aiomqtt's CPU per message.
             client = make_fast_client(s.broker, user=f"relay-{c}", data_dir=s.data_dir)
-            self.relays.append(Relay(c, self.segments[c], client, s, self.metrics))
+            self.relays.append(Relay(c, self.segments[c], client, s, self.metrics, scheduler))
 
     def refresh(self) -> None:
         self.metrics.gauges.update(
