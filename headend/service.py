@@ -274,8 +274,13 @@ class HeadEndService:
         try:
             while not stop.is_set():
                 if not self._inbox:
+                    # Idle: wake for the timers, or sooner when rows held back
+                    # by commit_max_delay_ms are due for their commit.
+                    timeout = tick
+                    if self._held_rounds:
+                        timeout = min(tick, max(0.0, self._last_commit + self._commit_max_delay - time.time()))
                     waiter = asyncio.create_task(self._wakeup.wait())
-                    await asyncio.wait({waiter, stopper}, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({waiter, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
                 if (wait := last + gap - loop.time()) > 0 and not stop.is_set():
                     await asyncio.sleep(wait)

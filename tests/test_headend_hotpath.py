@@ -154,6 +154,42 @@ def test_rows_gather_until_the_delay_and_anything_to_publish_commits_first(data_
     asyncio.run(body())
 
 
+def test_rows_held_back_commit_when_due_even_if_no_more_traffic_comes(data_dir: Path) -> None:
+    """Idle after a held round: the loop wakes when the hold is due, not only
+    at the next timer tick (200 ms here), so held rows never wait longer."""
+    async def body() -> None:
+        service = HeadEndService({"headend": {"commit_max_delay_ms": 50, "commit_interval_ms": 200,
+                                              "round_min_interval_ms": 0}}, "mqtt://127.0.0.1:1", data_dir)
+        await service.start_engine()
+        try:
+            engine = service.engine = _Engine()
+            client = _Client()
+            stop = asyncio.Event()
+            loop_task = asyncio.create_task(service._loop(client, stop))
+            await asyncio.sleep(0.05)
+            service._wakeup.set()  # a round that commits (the first)
+            while not engine.drained:
+                await asyncio.sleep(0.001)
+            start = len(engine.drained)
+            service._wakeup.set()  # rows only, the last commit recent: held back
+            while not service._held_rounds:
+                await asyncio.sleep(0.001)
+            assert len(engine.drained) == start
+            t0 = time.monotonic()
+            while len(engine.drained) == start and time.monotonic() - t0 < 1.0:
+                await asyncio.sleep(0.005)
+            waited = time.monotonic() - t0
+            stop.set()
+            await asyncio.wait_for(loop_task, 5)
+            assert len(engine.drained) > start, "held rows never committed"
+            assert waited < 0.15, f"held rows waited {waited * 1000:.0f} ms for their commit (delay 50 ms)"
+        finally:
+            await service.store.close()
+            service.vault.close()
+
+    asyncio.run(body())
+
+
 def test_latency_of_a_held_round_includes_its_wait_for_the_commit(data_dir: Path) -> None:
     service = HeadEndService({}, "mqtt://127.0.0.1:1", data_dir)
     # Two rounds held back (2 samples by t=100.0, 1 more by 100.02), committed
