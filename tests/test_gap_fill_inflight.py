@@ -116,3 +116,40 @@ def test_random_losses_with_a_bound_of_one_still_fill_every_gap() -> None:
     sim.assert_readings()
     assert sim.engine.gap_fill_in_flight == 0
     sim.assert_clean()
+
+
+def test_scattered_gaps_of_a_meter_are_asked_in_one_request() -> None:
+    """After an overload a meter's gaps are single readings scattered among
+    those the head-end holds (its batches were dropped now and then): ranges
+    closer than ``gap_fill_coalesce`` go in one request, the readings held
+    already come back as duplicates (ignored, never stored twice), and every
+    gap is filled.  With coalescing off, one request per gap."""
+    def run(coalesce: int) -> tuple[int, Sim]:
+        # The gaps fall due together (as after an overload, when slots were
+        # scarce): detected over 8 intervals, asked for 10 intervals later.
+        sim = Sim(2, 1, policy=default_policy(gap_fill_coalesce=coalesce, max_gap_requests_per_tick=1000,
+                                              gap_fill_delay_s=10 * INTERVAL))
+        assert sim.run_until(sim.all_associated, timeout=20 * INTERVAL)
+        odd = {}
+
+        def drop_every_other(w: Wire) -> bool:  # per meter: drop its 1st, 3rd, 5th... reading
+            if w.direction != "up" or not isinstance(w.msg, Reading):
+                return False
+            odd[w.meter] = not odd.get(w.meter, False)
+            return odd[w.meter]
+
+        start = len(_requests(sim))
+        sim.network = Drop(drop_every_other)
+        sim.run(8 * INTERVAL)
+        sim.network = Network()
+        sim.settle()
+        sim.assert_readings()
+        assert not sim.gaps()
+        assert not sim.engine.rejected, dict(sim.engine.rejected)
+        return len(_requests(sim)[start:]), sim
+
+    merged, sim = run(16)
+    exact, _ = run(0)
+    assert sim.engine.counters["readings_duplicate"] > 0  # the holes were asked again, and ignored
+    assert merged < exact, (merged, exact)
+    assert merged <= 2 * len(sim.meters), merged  # about one request per meter

@@ -127,6 +127,9 @@ class Policy:
     #: beyond the fleet's budget are shed and would only be asked again).
     #: 0: no bound in flight (only max_gap_requests_per_tick).
     gap_fill_max_in_flight: int = 512
+    #: Two due ranges of a meter separated by at most this many readings the
+    #: head-end already holds are asked in one request (0: exact ranges).
+    gap_fill_coalesce: int = 16
     association_max_attempts: int = 8
     transfer_timeout_s: float = 10.0
     transfer_max_attempts: int = 5
@@ -192,6 +195,35 @@ def _suite_of_general_frame(data: bytes) -> int:
 
 _GENERAL = frozenset({GENERAL_GLO_CIPHERING, GENERAL_DED_CIPHERING})
 _DC = bytes((GENERAL_DED_CIPHERING,))
+
+
+def _gap_ranges(gaps: dict[int, float], now: float, coalesce: int) -> list[list[int]]:
+    """The [first, last] ranges to ask for: every run of due gaps, at most
+    _GAP_CHUNK seqs each.
+
+    With ``coalesce`` > 0, ranges whose hole holds at most that many readings
+    already stored become one, and gaps not yet due that fall within such a
+    span (or touch it) ride along: after an overload a meter has many
+    one-reading gaps, detected at different moments, and one request and one
+    reply frame for the span cost far less, on both sides and on the relays,
+    than one each.  The readings held already come back as duplicates
+    (ignored, never stored twice); a gap asked before its delay at worst
+    crosses its own late frame.  Only ranges holding a due gap are asked.
+    """
+    if coalesce <= 0:
+        seqs = sorted(seq for seq, when in gaps.items() if when <= now)
+    else:
+        seqs = sorted(gaps)
+    reach = 1 + max(coalesce, 0)
+    ranges: list[list[int]] = []  # [first, last, holds a due gap]
+    for seq in seqs:
+        due = gaps[seq] <= now
+        if ranges and seq - ranges[-1][1] <= reach and seq - ranges[-1][0] < _GAP_CHUNK:
+            ranges[-1][1] = seq
+            ranges[-1][2] = ranges[-1][2] or due
+        else:
+            ranges.append([seq, seq, due])
+    return [[first, last] for first, last, due in ranges if due]
 
 
 class HeadEndEngine:
@@ -867,13 +899,7 @@ class HeadEndEngine:
                     self._associate(m, now, "downlink_needed")
                 deferred.append((now + p.gap_fill_delay_s, mid))  # ask once associated
                 continue
-            due = sorted(seq for seq, when in m.gaps.items() if when <= now)
-            ranges: list[list[int]] = []
-            for seq in due:
-                if ranges and seq == ranges[-1][1] + 1 and seq - ranges[-1][0] < _GAP_CHUNK:
-                    ranges[-1][1] = seq
-                else:
-                    ranges.append([seq, seq])
+            ranges = _gap_ranges(m.gaps, now, p.gap_fill_coalesce)
             retry = now + p.gap_fill_retry_s
             for first, last in ranges[: min(8, budget)]:  # bound the burst per meter per tick
                 rid = self._next_request_id()
@@ -882,8 +908,10 @@ class HeadEndEngine:
                 heapq.heappush(timeouts, (retry, rid))
                 self.counters["gap_fill_requests"] += 1
                 budget -= 1
+                gaps = m.gaps
                 for seq in range(first, last + 1):
-                    m.gaps[seq] = retry
+                    if seq in gaps:  # the hole between coalesced ranges holds readings we have
+                        gaps[seq] = retry
             if m.gaps:
                 deferred.append((min(m.gaps.values()), mid))
         if self._gap_slots_free() <= 0:
