@@ -137,6 +137,10 @@ class HeadEndService:
         self._downlink_seq = 0
         self._tick_interval = float(self.hcfg.get("commit_interval_ms", 200)) / 1000
         self._round_max = int(self.hcfg.get("round_max_messages", 2000))  # WAN messages per round
+        # ...and frames per round: a relay batch carries 1 to 200 frames, so a
+        # bound in messages alone let one round run for seconds (2,000 batches
+        # of 50 readings), with no PUBACK, no metrics and one huge commit.
+        self._round_max_frames = int(self.hcfg.get("round_max_frames", 5000))
         self._last_tick = 0.0
         # Rows only (nothing to publish) may gather over rounds for at most
         # this long, or this many readings, before their commit.
@@ -319,7 +323,9 @@ class HeadEndService:
         handled = 0
         inbox = self._inbox
         wan_of = self._wan_of
-        while inbox and handled < self._round_max:
+        counters = engine.counters
+        frames_end = counters.get("frames_up", 0) + self._round_max_frames
+        while inbox and handled < self._round_max and counters.get("frames_up", 0) < frames_end:
             message = inbox.pop()
             handled += 1
             payload = message.payload

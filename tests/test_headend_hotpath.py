@@ -190,6 +190,39 @@ def test_rows_held_back_commit_when_due_even_if_no_more_traffic_comes(data_dir: 
     asyncio.run(body())
 
 
+def test_a_round_stops_at_round_max_frames_whatever_the_batch_size(data_dir: Path) -> None:
+    """Relay batches carry 1 to 200 frames: a round is bounded in frames too
+    (round_max_frames), not only in messages, so it never runs for seconds."""
+    from ami.runtime import mqtt
+
+    class _Batches(_Engine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counters = {"frames_up": 0}
+            self.batches = 0
+
+        def handle_batch(self, payload: bytes, now: float, concentrator: str | None = None) -> None:
+            self.batches += 1
+            self.counters["frames_up"] += 50  # a batch of 50 readings
+
+    async def body() -> None:
+        service = HeadEndService({"headend": {"round_max_frames": 500, "round_max_messages": 2000}},
+                                 "mqtt://127.0.0.1:1", data_dir)
+        await service.start_engine()
+        try:
+            engine = service.engine = _Batches()
+            for _ in range(100):
+                service._enqueue(mqtt.Message(topics.wan_up("c0001"), b"batch", 1, False))
+            await service._round(_Client(), time.time())
+            assert engine.batches == 10  # 500 frames, not 100 messages
+            assert len(service._inbox.wan) == 90  # the rest waits for the next round
+        finally:
+            await service.store.close()
+            service.vault.close()
+
+    asyncio.run(body())
+
+
 def test_latency_of_a_held_round_includes_its_wait_for_the_commit(data_dir: Path) -> None:
     service = HeadEndService({}, "mqtt://127.0.0.1:1", data_dir)
     # Two rounds held back (2 samples by t=100.0, 1 more by 100.02), committed
