@@ -427,6 +427,7 @@ class HeadEndService:
             pending=engine.meters_pending,
             meters_with_gaps=engine.meters_with_gaps,
             gap_fill_in_flight=engine.gap_fill_in_flight,
+            association_window=engine.association_window,
             inbox=len(self._inbox.wan),
             commands_waiting=len(self._inbox.commands),
         )

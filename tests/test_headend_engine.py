@@ -820,3 +820,34 @@ def test_association_storms_are_admitted_a_bounded_number_at_a_time() -> None:
     sim.assert_readings()
     no_rejections(sim)
     sim.assert_clean()
+
+
+def test_the_association_window_halves_on_timeouts_and_grows_with_answers() -> None:
+    """Admission adapts to what the path finishes (AIMD): AAREs lost, the
+    associations time out and the window halves (once per timeout period,
+    never below its minimum); answers flowing again, it grows by one per
+    association answered; in flight never exceeds it."""
+    p = replace(default_policy(), max_pending_associations=40, association_window_start=16,
+                association_window_min=2)
+    sim = Sim(40, 4, policy=p)
+    engine = sim.engine
+    assert engine.association_window == 16
+    sim.network = Drop(lambda w: w.kind == "aarq")  # a path that finishes nothing
+    for _ in range(int(6 * p.association_timeout_s)):
+        sim.step(1.0)
+    cut = engine.association_window
+    assert cut < 16 and engine.counters["association_window_cuts"] >= 2
+    assert cut >= 2
+    sim.network = Network()
+    for _ in range(int(12 * p.association_timeout_s)):
+        before = engine._associating
+        sim.step(1.0)
+        # What was in flight finishes; a new admission needs room in the window.
+        assert engine._associating <= max(before, engine.association_window)
+        if all(m.session is not None for m in engine.meters.values()):
+            break
+    assert all(m.session is not None for m in engine.meters.values())
+    assert engine.association_window > cut  # answers made it grow back
+    sim.settle()
+    sim.assert_readings()
+    sim.assert_clean()

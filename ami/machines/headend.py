@@ -119,6 +119,14 @@ class Policy:
     #: Associations in flight at once; more wait in a queue (boot storms,
     #: fleet-wide renewals) so that round trips stay below the timeout.
     max_pending_associations: int = 2000
+    #: Associations in flight are admitted through a window that adapts to
+    #: what the path can finish (TCP's AIMD): it starts here, grows by one
+    #: per association answered, and halves (not below the minimum, at most
+    #: once per association timeout) when one times out.  A broker that
+    #: carries a few thousand messages/s (amqtt) then gets the boot storm at
+    #: the pace it can take, instead of 2,000 AARQs, timeouts and resends.
+    association_window_start: int = 64
+    association_window_min: int = 8
     #: Gap-fill requests sent per tick, all meters together.
     max_gap_requests_per_tick: int = 2000
     #: Gap-fill requests unanswered at once, all meters together: a request
@@ -253,6 +261,9 @@ class HeadEndEngine:
         self._gap_timeouts: list[tuple[float, int]] = []
         self._gap_ready: deque[str] = deque()  # due meters waiting for a free slot (FIFO)
         self._associating = 0  # meters with an association in flight
+        p0 = self.policy
+        self._assoc_window = float(max(1, min(p0.association_window_start, p0.max_pending_associations)))
+        self._assoc_window_cut_at = -math.inf
         self._waiting: dict[str, str] = {}  # meters queued for an association -> reason (FIFO)
         self._pending_meters: set[str] = set()  # association or transfer in flight
         self._age_heap: list[tuple[float, str, int]] = []
@@ -292,6 +303,22 @@ class HeadEndEngine:
     def latencies_pending(self) -> int:
         """Latency samples since the last drain (``Effects.latencies_ns`` so far)."""
         return len(self._latencies)
+
+    @property
+    def association_window(self) -> int:
+        """Associations that may be in flight now (the adaptive window)."""
+        return int(self._assoc_window)
+
+    def _cut_association_window(self, now: float) -> None:
+        """An association timed out: the path is overloaded, halve the window
+        (once per timeout period: the timeouts of one overload come in a burst)."""
+        p = self.policy
+        if now - self._assoc_window_cut_at < p.association_timeout_s:
+            return
+        self._assoc_window_cut_at = now
+        floor = float(max(1, min(p.association_window_min, p.max_pending_associations)))
+        self._assoc_window = max(floor, self._assoc_window / 2)
+        self.counters["association_window_cuts"] += 1
 
     @property
     def gap_fill_in_flight(self) -> int:
@@ -969,7 +996,7 @@ class HeadEndEngine:
         if not_before > now:
             heapq.heappush(self._later, (not_before, m.meter, reason))
             return
-        if self._associating >= self.policy.max_pending_associations:
+        if self._associating >= self.association_window:
             # Admission control: under a storm, more in flight only means
             # longer round trips, timeouts and retries (a collapse).
             self._waiting[m.meter] = reason
@@ -1240,6 +1267,7 @@ class HeadEndEngine:
                 m.installed_attempt = max(m.installed_attempt, attempt.seq)
         m.association = None
         self._associating -= 1
+        self._assoc_window = min(self._assoc_window + 1.0, float(self.policy.max_pending_associations))
         self._assoc(m, AssociationEvent.ANSWERED)
         self._dirty_pending.add(m.meter)
         self.counters["associations"] += 1
@@ -1568,7 +1596,7 @@ class HeadEndEngine:
             if heap:
                 when = min(when, heap[0][0])
         if (
-            (self._waiting and self._associating < p.max_pending_associations)
+            (self._waiting and self._associating < self.association_window)
             or self._campaign_done
             or (self._gap_ready and self._gap_slots_free() > 0)
         ):
@@ -1587,6 +1615,7 @@ class HeadEndEngine:
             # Back off: 1x, 2x, 4x, 8x the timeout over successive rounds.
             elif pa is not None and now - pa.sent_at >= p.association_timeout_s * min(2 ** (pa.attempts - 1), 8):
                 self.counters["association_timeouts"] += 1
+                self._cut_association_window(now)
                 self._assoc(m, AssociationEvent.TIMED_OUT)
                 self._next_association_attempt(m, now, "timeout")
             t = m.transfer
@@ -1616,7 +1645,7 @@ class HeadEndEngine:
                     self._assoc(m, AssociationEvent.COOLED_DOWN)
                 if m.assoc_state is AssociationState.QUEUED and mid not in self._waiting:
                     self._queue(m, now, reason, now)
-        while self._waiting and self._associating < p.max_pending_associations:
+        while self._waiting and self._associating < self.association_window:
             mid = next(iter(self._waiting))
             reason = self._waiting.pop(mid)
             self._admit(self.meters[mid], now, reason)
