@@ -354,3 +354,21 @@ def test_readings_out_of_order_duplicated_and_across_sessions_take_the_general_p
     assert c["readings_stored"] == len(sim.store.readings)
     assert not sim.engine.rejected, dict(sim.engine.rejected)
     sim.assert_clean()
+
+
+def test_the_inbox_is_bounded_in_bytes_as_well_as_messages() -> None:
+    """A WAN batch holds 1 to 200 frames: the inbox drops (counted) once its
+    payload bytes would pass wan_max_bytes, commands never."""
+    from ami.runtime import mqtt
+    from headend.service import Inbox
+
+    inbox = Inbox(1000, wan_max_bytes=10)
+    wan = [mqtt.Message(topics.wan_up("c0001"), b"4444", 1, False) for _ in range(3)]
+    assert inbox.put(wan[0], command=False) and inbox.put(wan[1], command=False)
+    assert not inbox.put(wan[2], command=False) and inbox.dropped == 1 and inbox.wan_bytes == 8
+    assert inbox.put(mqtt.Message(topics.HEADEND_COMMANDS, b"x" * 100, 1, False), command=True)
+    assert inbox.pop().topic.value == topics.HEADEND_COMMANDS  # commands first
+    inbox.pop()
+    assert inbox.wan_bytes == 4 and inbox.put(wan[2], command=False)
+    big = Inbox(1000, wan_max_bytes=10)
+    assert big.put(mqtt.Message(topics.wan_up("c0001"), b"x" * 50, 1, False), command=False)  # one always fits

@@ -116,7 +116,7 @@ def test_the_inbox_is_bounded_and_serves_commands_first(data_dir: Path) -> None:
     assert service._inbox.pop().payload == b"1000"  # the command first, then the oldest WAN messages
     assert [service._inbox.pop().payload for _ in range(5)] == [str(n).encode() for n in range(5)]
     service.engine = type("E", (), {"counters": {}, "rejected": {}, "meters": {}, "meters_pending": 0,
-                                    "meters_with_gaps": 0, "gap_fill_in_flight": 0})()
+                                    "meters_with_gaps": 0, "gap_fill_in_flight": 0, "association_window": 64})()
     assert service._snapshot()["counters"]["inbox_dropped"] == 95
 
 
