@@ -33,6 +33,7 @@ from ami.protocol.messages import Reading
 from ami.security.vault import FileKeyVault
 from headend.service import LATENCY_MAX_US, HeadEndService, record_many
 from headend.store import SqliteStore, read_store_file
+from harness import RecordingClient
 from sim import INTERVAL, Drop, Sim, default_policy
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,14 +71,6 @@ def data_dir(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "ami.cli", "provision", "--meters", "3", "--concentrators", "1",
                     "--out", str(out), "--no-bus-security"], check=True, cwd=REPO, capture_output=True)
     return out
-
-
-class _Client:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        self.published.append((topic, payload))
 
 
 class _Engine:
@@ -120,7 +113,7 @@ def test_rows_gather_until_the_delay_and_anything_to_publish_commits_first(data_
         await service.start_engine()
         try:
             engine = service.engine = _Engine()
-            client = _Client()
+            client = RecordingClient()
             t = time.time() - 1.0  # round times in the past: each commit ends after its rounds
 
             async def stored() -> int:
@@ -163,7 +156,7 @@ def test_rows_held_back_commit_when_due_even_if_no_more_traffic_comes(data_dir: 
         await service.start_engine()
         try:
             engine = service.engine = _Engine()
-            client = _Client()
+            client = RecordingClient()
             stop = asyncio.Event()
             loop_task = asyncio.create_task(service._loop(client, stop))
             await asyncio.sleep(0.05)
@@ -213,7 +206,7 @@ def test_a_round_stops_at_round_max_frames_whatever_the_batch_size(data_dir: Pat
             engine = service.engine = _Batches()
             for _ in range(100):
                 service._enqueue(mqtt.Message(topics.wan_up("c0001"), b"batch", 1, False))
-            await service._round(_Client(), time.time())
+            await service._round(RecordingClient(), time.time())
             assert engine.batches == 10  # 500 frames, not 100 messages
             assert len(service._inbox.wan) == 90  # the rest waits for the next round
         finally:

@@ -17,6 +17,7 @@ from ami.machines.headend_records import Commit
 from ami.protocol import topics
 from headend.service import EXIT_STORE_REFUSED, HeadEndService, Inbox
 from headend.store_api import Fenced
+from harness import RecordingClient
 
 try:
     from tests.sim import Network, Sim
@@ -50,14 +51,6 @@ def test_a_second_headend_on_the_same_store_exits_before_sending(data_dir: Path)
     assert asyncio.run(body()) == EXIT_STORE_REFUSED
 
 
-class _Client:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        self.published.append((topic, payload))
-
-
 class _Engine:
     """Drains effects that would be published: frames, a reply, an event."""
 
@@ -80,7 +73,7 @@ def test_a_fenced_commit_publishes_nothing(data_dir: Path) -> None:
         await zombie.start_engine()
         try:
             zombie.engine = _Engine()
-            client = _Client()
+            client = RecordingClient()
             await zombie._round(client, 1.0)
             assert len(client.published) == 3  # the control: this round does publish
             # Another head-end takes the store over (the lock file was removed).
