@@ -246,3 +246,35 @@ def test_services_of_a_load_test_run_on_the_callers_configuration_file(tmp_path,
     from ami.tools.loadtest.cli import options_from_args
 
     assert options_from_args(args).config_file == str(f)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_stops_every_process_the_run_started(tmp_path):
+    """Killed with SIGTERM, the load test cleans up as on Ctrl-C: no broker,
+    head-end, relay or fleet left running."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(AMI + ["loadtest", "--meters", "50", "--concentrators", "2", "--rate", "200",
+                                   "--duration", "60", "--ramp-up", "1", "--quiet", "--workdir", str(tmp_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    me = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    children: list = []
+    while time.monotonic() < deadline:
+        children = me.children(recursive=True)
+        if any("meters" in " ".join(c.cmdline()) for c in children if c.is_running()):
+            break
+        time.sleep(0.2)
+    assert children, "the load test started nothing"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(60) == 130
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
+    finally:
+        for child in children:  # never leave them behind, even when the test fails
+            if child.is_running():
+                child.kill()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace, config: dict) -> int:
     from rich.console import Console
 
@@ -186,6 +191,10 @@ def main(args: argparse.Namespace, config: dict) -> int:
     from ami.tools.loadtest.run import LoadTest, LoadTestError, LoadTestSkipped
 
     console = Console(stderr=True)
+    # SIGTERM (a supervisor, `kill`) takes the Ctrl-C path: every run's
+    # cleanup stops the broker, services and cluster it started, instead of
+    # leaving them running as orphans.
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.cluster_workers:
         from ami.tools.loadtest.clustered import missing
 
