@@ -77,7 +77,6 @@ from ami.protocol.frames import (
     GLO_INITIATE_RESPONSE,
     MAX_APDU_SIZE,
     CipheredApdu,
-    encode_apdu,
 )
 from ami.protocol.keys import SecuritySetup, decode_key_transfer, key_check_value, key_type_for
 from ami.protocol.messages import (
@@ -115,8 +114,6 @@ PERSISTED_KEYS = (KeyType.CCC, KeyType.AK, KeyType.CC_LAN, KeyType.CC_LOCALE)
 _DC_OVERHEAD = 1 + 1 + 8 + 3 + 1 + 4 + 12
 SUITE_SC = {0: suite1.security_control(0), 1: suite1.security_control(1)}  # 0x30, 0x31
 _MAX_PENDING_EVENTS = 16
-#: Tag and title length of a general-ded-ciphering APDU (frames.py's layout).
-_DC_HEAD = bytes((GENERAL_DED_CIPHERING, SYSTEM_TITLE_LEN))
 
 
 class WrongPeer(ProtocolError):
@@ -341,7 +338,7 @@ class Meter:
         seconds) is how long after an interval ends it pushes that reading."""
         marks = marks or {}
         if len(title) != SYSTEM_TITLE_LEN:
-            raise ValueError("a system title is 8 bytes")  # the IV and _seal_dc's layout rely on it
+            raise ValueError("a system title is 8 bytes")  # the IV relies on it
         self.ident = ident
         self.concentrator = concentrator
         self.title = title
@@ -850,18 +847,9 @@ class Meter:
         return self._seal_dc(session, encode_message(msg, pad=pad))
 
     def _seal_dc(self, session: Session, plaintext: bytes) -> bytes:
-        """general-ded-ciphering of ``plaintext`` under the session: what
-        ``seal_apdu`` lays out, with the one-byte length form (every frame
-        whose body is under 128 bytes: readings) written here directly."""
-        cipher = self._session_cipher(session)
-        sc = SUITE_SC[session.suite]
-        ic = session.send.take()  # < IC_LIMIT: fits the 4-byte field
-        ic_bytes = ic.to_bytes(4, "big")
-        body = cipher.seal(sc, self.title + ic_bytes, plaintext)
-        length = 5 + len(body)  # SC, IC, ciphertext and tag
-        if length < 0x80:
-            return _DC_HEAD + self.title + bytes((length, sc)) + ic_bytes + body
-        return encode_apdu(GENERAL_DED_CIPHERING, sc, ic, body, self.title)
+        """general-ded-ciphering of ``plaintext`` under the session."""
+        return seal_apdu(self._session_cipher(session), GENERAL_DED_CIPHERING, self.title, session.send.take(),
+                         plaintext, security_control=SUITE_SC[session.suite])
 
     def _queue_event(self, event: Event, out: Output) -> None:
         if self.pending_events is None:
