@@ -34,7 +34,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ami.protocol import SecretBytes, Suite0Cipher, seal_apdu, topics
@@ -43,39 +42,7 @@ from ami.protocol.frames import GENERAL_DED_CIPHERING, GENERAL_GLO_CIPHERING, GL
 from ami.tools.provision import provision
 from meters.fleet import Fleet, FleetSettings
 
-Done = Callable[[BaseException | None], None]
-
-
-class SinkClient:
-    """Stands for ``ami.runtime.mqtt.Client`` on a segment: publishes go nowhere,
-    QoS 1 acknowledgements come back together on the next loop iteration."""
-
-    def __init__(self, on_publish: Callable[[str, bytes], None]) -> None:
-        self.on_publish = on_publish
-        self.published = 0
-        self._acks: list[Done] = []
-        self._ack_scheduled = False
-
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0, done: Done | None = None,
-                       retain: bool = False) -> None:
-        self.published += 1
-        self.on_publish(topic, payload)
-        if done is None:
-            return
-        if qos == 0:
-            done(None)
-            return
-        self._acks.append(done)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ack_all)
-
-    def _ack_all(self) -> None:
-        acks, self._acks = self._acks, []
-        self._ack_scheduled = False
-        for done in acks:
-            done(None)
-
+from _sink import SinkClient  # bench/_sink.py (this script's folder is on sys.path)
 
 class HeadEndStandIn:
     """Answers each meter's first boot event (general-glo-ciphering) with an AARQ."""

@@ -45,44 +45,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ami.protocol.messages import decode_batch  # noqa: E402
 from ami.runtime.metrics import Metrics  # noqa: E402
+from _sink import SinkClient  # noqa: E402  (bench/_sink.py)
 
-Done = Callable[[BaseException | None], None]
 
-
-class SinkClient:
-    """Stands for ``ami.runtime.mqtt.Client``: publishes are counted (and kept
-    if asked), QoS 1 acknowledgements come back on the next loop iteration."""
+class RelaySink(SinkClient):
+    """The relay's side of the client too: publishes are counted (and kept if
+    asked), subscriptions granted, reading paused and resumed."""
 
     def __init__(self, keep: bool) -> None:
+        self.kept: list[bytes] = []
+        super().__init__(on_publish=(lambda _topic, payload: self.kept.append(payload)) if keep else None)
         self.on_message: Callable[[str, bytes], None] | None = None
         self.keep = keep
-        self.kept: list[bytes] = []
-        self.published = 0
         self.paused = 0
-        self._acks: list[Done] = []
-        self._ack_scheduled = False
         self._closed: asyncio.Future | None = None
-
-    def publish_nowait(self, topic: str, payload: bytes, qos: int = 0, done: Done | None = None,
-                       retain: bool = False) -> None:
-        self.published += 1
-        if self.keep:
-            self.kept.append(payload)
-        if done is None:
-            return
-        if qos == 0:
-            done(None)
-            return
-        self._acks.append(done)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._ack)
-
-    def _ack(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, []
-        for done in acks:
-            done(None)
 
     async def subscribe(self, topic: str, qos: int = 0, **_: object) -> list[int]:
         return [qos]
@@ -124,7 +100,7 @@ async def run(args: argparse.Namespace, relay_mod: ModuleType, noop: bool) -> di
         c = f"c{i + 1:04d}"
         meters = [f"m{n + j + 1:06d}" for j in range(args.meters_per_relay)]
         n += args.meters_per_relay
-        client = SinkClient(keep=args.check)
+        client = RelaySink(keep=args.check)
         relay = relay_mod.Relay(c, meters, client, settings, metrics, *extra)
         relays.append(relay)
         clients.append(client)
