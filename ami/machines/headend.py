@@ -557,8 +557,6 @@ class HeadEndEngine:
         latencies = self._latencies
         dirty_sessions = self._dirty_sessions
         dirty_meters = self._dirty_meters
-        p = self.policy
-        max_frames, renew_ic = p.session_max_frames, p.session_renew_at_ic
         now_ns = int(now * 1e9)
         up = accepted = stored = 0
         try:
@@ -596,12 +594,7 @@ class HeadEndEngine:
                         stored += 1
                         if msg.sealed_ns is not None:
                             latencies.append(now_ns - msg.sealed_ns)
-                        if m.association is None and (
-                            s.frames >= max_frames
-                            or s.opener.counter.lowest_acceptable >= renew_ic
-                            or s.sealer.counter.next_value >= renew_ic
-                        ):
-                            self._associate(m, now, "renewal")
+                        self._check_renewal(m, s, now)
                     else:
                         self._on_session_message(m, s, msg, now)
                 except ProtocolError as exc:
