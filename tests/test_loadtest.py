@@ -278,3 +278,25 @@ def test_sigterm_stops_every_process_the_run_started(tmp_path):
         for child in children:  # never leave them behind, even when the test fails
             if child.is_running():
                 child.kill()
+
+
+def test_fleet_nice_lowers_only_the_generators_priority(tmp_path):
+    """--fleet-nice: the fleet (and the bare baseline's publishers) stand for
+    meters on hardware of their own; the services under test keep theirs."""
+    import sys
+
+    import psutil
+
+    test = LoadTest(Options(fleet_nice=7))
+    test.workdir = tmp_path
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    children = [test._spawn(name, role, "pipeline", sleeper)
+                for name, role in (("fleet-1", "fleet"), ("bare-fleet-1", "bare-fleet"), ("headend", "headend"))]
+    try:
+        nice = {c.role: psutil.Process(c.proc.pid).nice() for c in children}
+        base = psutil.Process().nice()
+        assert nice == {"fleet": 7, "bare-fleet": 7, "headend": base}  # setpriority: absolute niceness
+    finally:
+        for c in children:
+            c.proc.kill()
+            c.proc.wait()

@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser, config: dict) -> None:
     load.add_argument("--mass-boot", action="store_true",
                       help="every meter boots at the same instant and the window opens at once: readings flow "
                            "while the boot storm is absorbed (a region after a power cut)")
+    load.add_argument("--fleet-nice", type=int, default=0, choices=range(0, 20), metavar="N",
+                      help="run the fleet at this niceness (0-19): meters are hardware of their own, so above "
+                           "capacity the generator should take only the CPU the pipeline leaves")
     load.add_argument("--find-capacity", action="store_true",
                       help="search the highest constant rate holding --max-p99-ms (default 250), 0 lost, 0 rejected: "
                            "runs of --duration s, starting at --rate; --report/--plot describe the steps")
@@ -172,6 +175,7 @@ def options_from_args(args: argparse.Namespace):
         live=not args.quiet,
         profile=args.profile,
         mass_boot=args.mass_boot,
+        fleet_nice=args.fleet_nice,
         recover=args.recover,
         cluster_workers=args.cluster_workers,
         partitions=args.partitions,

@@ -138,6 +138,10 @@ class Options:
     live: bool = True
     profile: str | None = None  # "headend", "fleet", "relays", "all": py-spy record each (needs py-spy)
     mass_boot: bool = False  # every meter boots at the same instant; the window opens at once (no settling)
+    # The fleet stands for meters on hardware of their own: at a positive
+    # niceness it takes only the CPU the pipeline leaves, so offering several
+    # times the capacity measures the pipeline, not a generator starving it.
+    fleet_nice: int = 0
     recover: bool = True  # drain: slow the fleet to a tenth (SIGUSR1) until gap-fill caught up, then stop it
     cluster_workers: int = 0  # > 0: the clustered head-end (3-node RabbitMQ cluster + PostgreSQL + N workers)
     partitions: int = 8  # partition queues of the clustered head-end
@@ -293,6 +297,9 @@ class LoadTest:
             ps.cpu_percent(None)
         except psutil.Error:
             ps = None
+        if ps is not None and self.o.fleet_nice and role in ("fleet", "bare-fleet"):
+            with contextlib.suppress(psutil.Error):
+                ps.nice(self.o.fleet_nice)
         child = Child(name, role, phase, proc, log, ps)
         self.children.append(child)
         if self.o.profile and role in self._profiled_roles():
@@ -981,6 +988,7 @@ class LoadTest:
             "command": " ".join(sys.argv),
         }
         config["mass_boot"] = o.mass_boot
+        config["fleet_nice"] = o.fleet_nice
         if o.cluster_workers:
             config["cluster_workers"] = o.cluster_workers
             config["partitions"] = o.partitions
