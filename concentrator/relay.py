@@ -66,7 +66,7 @@ class RelaySettings:
     batch_max_delay_ms: float = 50.0
     metrics_interval_s: float = 2.0
     window: int = 256  # publishes in flight per relay connection
-    max_queue: int = 10_000  # messages queued per relay before its intake waits
+    max_queue: int = 2_000  # messages queued per relay (past the window); beyond, shed and counted
     connect_concurrency: int = 50
     drain_timeout_s: float = 5.0
     control_budget_per_s: float = 100.0  # AARQ/AARE frames per second per relay (0: unlimited)
@@ -178,7 +178,6 @@ class Relay:
         self._due = 0.0  # due time of the open batch's time flush, 0.0: none registered
         self.outq: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
-        self._paused = False
         self._control = TokenBucket(settings.control_budget_per_s)
         self.inflight = 0
         self._wan_up = topics.wan_up(concentrator)
@@ -197,6 +196,9 @@ class Relay:
         self._max_frames = settings.batch_max_frames
         self._window = settings.window
         self._max_queue = settings.max_queue
+        # Association frames may exceed max_queue by this much: shedding them
+        # costs a head-end timeout, and their own budget already bounds them.
+        self._control_reserve = max(16, settings.max_queue // 10)
 
     def __repr__(self) -> str:
         return f"<Relay {self.concentrator} batch={len(self.batch)} queued={len(self.outq)}>"
@@ -267,11 +269,11 @@ class Relay:
         self.batch.append((meter, payload if type(payload) is bytes else bytes(payload)))
         self.batch_bytes += size
         if control or len(self.batch) >= self._max_frames:
-            self.flush()
+            self.flush(control)
         elif len(self.batch) == 1:
             self._due = self.scheduler.add(self)
 
-    def flush(self) -> None:
+    def flush(self, control: bool = False) -> None:
         """Close the open batch and queue it for the WAN (count, size, AARE or time flush)."""
         self._due = 0.0
         frames = self.batch
@@ -285,7 +287,8 @@ class Relay:
         # encode_batch's bytes ({"v", "c", "n", "f"}), without its Batch, tuples,
         # per-call Packer, and with the constant head packed once.
         pack = _packer.pack
-        self._enqueue(self._wan_up, b"".join((self._batch_head, pack(self.seq), b"\xa1f", pack(frames))))
+        self._enqueue(self._wan_up, b"".join((self._batch_head, pack(self.seq), b"\xa1f", pack(frames))), len(frames),
+                      control)
 
     def on_wan_down(self, payload: Any) -> None:
         if not isinstance(payload, (bytes, bytearray)):
@@ -319,12 +322,12 @@ class Relay:
                     self.metrics.incr("control_shed")  # the head-end retransmits it after its timeout
                     continue
                 self.metrics.incr("control_down")
-            self._enqueue(topic, frame)
+            self._enqueue(topic, frame, 1, frame[:1] == _AARQ)
             self.metrics.incr("frames_down")
 
     # --- output -----------------------------------------------------------------------
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def _enqueue(self, topic: str, payload: bytes, frames: int = 1, control: bool = False) -> None:
         outq = self.outq
         if not outq and self.up and self.inflight < self._window:
             # Nothing waiting and room in the window: publish now (what the
@@ -335,12 +338,19 @@ class Relay:
             except mqtt.MqttError:
                 self._done(mqtt.MqttError("not connected"))
             return
+        if len(outq) >= self._max_queue and (not control or len(outq) >= self._max_queue + self._control_reserve):
+            # The broker acknowledges slower than the segment produces.  Shed
+            # here, counted, instead of pausing the connection: its PUBACKs
+            # arrive on that same connection, so a paused relay could never
+            # see its window drain (it stalled until the keep-alive timeout).
+            # Readings wait in the meters' load curves for gap-fill; the
+            # head-end retransmits a shed AARQ and re-asks a shed gap-fill.
+            counters = self.metrics.counters
+            counters["queue_shed"] += 1
+            counters["queue_shed_frames"] += frames
+            return
         outq.append((topic, payload))
         self._wake.set()
-        if len(outq) >= self._max_queue and not self._paused:
-            # Back-pressure on a slow broker: stop reading (TCP does the rest).
-            self._paused = True
-            self.client.pause_reading()
 
     def _done(self, error: BaseException | None) -> None:
         """A publish's PUBACK (``None``) or its loss."""
@@ -366,9 +376,6 @@ class Relay:
                     client.publish_nowait(topic, payload, qos, done)
                 except mqtt.MqttError:
                     done(mqtt.MqttError("not connected"))
-            if len(outq) < self._max_queue // 2 and self._paused:
-                self._paused = False
-                client.resume_reading()
             await asyncio.sleep(0)
 
     # --- connection ----------------------------------------------------------------------
@@ -384,7 +391,6 @@ class Relay:
         sender: asyncio.Task | None = None
         try:
             client.on_message = self.on_message
-            self._paused = False
             await client.subscribe(topics.plc_up_filter(self.concentrator), qos=self.s.qos)
             await client.subscribe(self._wan_down, qos=self.s.qos)
             sender = asyncio.create_task(self._sender())

@@ -213,21 +213,28 @@ def test_hostile_uplink_is_counted_with_the_same_reasons() -> None:
     asyncio.run(main())
 
 
-def test_window_then_queue_then_back_pressure() -> None:
+def test_window_then_queue_then_shed_never_pause() -> None:
+    """Past the window, a bounded queue; past the queue, readings are shed and
+    counted, association frames use a small reserve, and the connection is
+    never paused: its PUBACKs arrive on it, so pausing it would stall the
+    relay until the keep-alive timeout (seen under a mass boot)."""
     async def main() -> None:
         relay, client, metrics = make(batch_max_frames=1, window=3, max_queue=4)
         task = await up(relay, client)
         for i in range(10):
             client.on_message(plc(METERS[i]), b"\xdb%d" % i)
         assert len(client.sent) == 3 and relay.inflight == 3  # the window
-        assert len(relay.outq) == 7 and client.paused == 1  # paused at max_queue, once
+        assert len(relay.outq) == 4 and client.paused == 0  # the queue, never a pause
+        assert metrics.counters["queue_shed"] == 3 and metrics.counters["queue_shed_frames"] == 3
+        client.on_message(plc(METERS[0]), b"\x61 an AARE")  # control: the reserve
+        assert len(relay.outq) == 5 and metrics.counters["queue_shed"] == 3
         for _ in range(10):
             client.ack()
             for _ in range(5):
                 await asyncio.sleep(0)
-        assert client.resumed == 1 and not relay.outq
-        assert client.frames() == [(METERS[i], b"\xdb%d" % i) for i in range(10)]
-        assert metrics.counters["messages_sent"] == 10 and relay.idle
+        assert not relay.outq and client.resumed == 0
+        assert client.frames() == [(METERS[i], b"\xdb%d" % i) for i in range(7)] + [(METERS[0], b"\x61 an AARE")]
+        assert metrics.counters["messages_sent"] == 8 and relay.idle
         task.cancel()
 
     asyncio.run(main())
