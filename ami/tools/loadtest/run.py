@@ -895,7 +895,7 @@ class LoadTest:
     CONTROL_COUNTERS = {
         "meters": ("boot_events", "boots_deferred", "gap_fill_replies", "gap_fill_replies_shed",
                    "gap_fill_frames_shed", "aarq_repeated", "frames_dropped", "publish_failed"),
-        "concentrator": ("control_up", "control_down", "control_shed", "publish_failed"),
+        "concentrator": ("control_up", "control_down", "control_shed", "queue_shed_frames", "publish_failed"),
         "headend": ("aarq_sent", "aarq_retransmitted", "association_timeouts", "associations_queued",
                     "associations_rate_limited", "gap_fill_requests", "gap_fill_deferred", "gap_fill_timeouts",
                     "readings_gap_filled", "inbox_dropped"),
