@@ -68,6 +68,7 @@ def broker_bus_dir(data: Path, *, no_auth: bool, tls: bool = False) -> Path | No
 
 
 def main(args: argparse.Namespace, config: dict) -> int:
+    from ami.broker.flow import FlowSettings
     from ami.broker.server import run_broker
 
     configure_logging(args.log_level, log_format=args.log_format)
@@ -91,6 +92,8 @@ def main(args: argparse.Namespace, config: dict) -> int:
             stop=stop,
             on_ready=lambda: log.info("broker_ready", broker=str(url), auth=bus_dir is not None, tls_port=args.tls_port),
             grace=args.stop_grace,
+            flow=FlowSettings.from_config(config.get("broker", {})),
+            on_flow=lambda stats: log.info("broker_flow", **stats),  # held, dropped, queue_max, ...: ami/broker/flow.py
         )
         log.info("broker_stopped", broker=str(url))
         return 0

@@ -29,10 +29,16 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import format_client_message, gen_client_id
 
+from ami.broker.flow import FlowBroker, FlowHandler, FlowSettings
 from ami.security.bus_acl import acl_allows
 from ami.security.bus_files import BusSecurity
 
 DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 1884}
+log = logging.getLogger("ami.broker")
+
+
+def _log_stats(stats: dict[str, Any]) -> None:
+    log.info("broker_flow %s", json.dumps(stats))
 
 
 def broker_settings(
@@ -104,8 +110,9 @@ class _Refused(MQTTError):
     """A CONNECT refused before it touched any session (amqtt logs it and moves on)."""
 
 
-class AclBroker(Broker):
-    """amqtt 0.12.1's Broker, fixed where it acts for clients it has not authenticated.
+class AclBroker(FlowBroker):
+    """amqtt 0.12.1's Broker, fixed where it acts for clients it has not authenticated
+    (and with bounded queues and back-pressure: ami.broker.flow).
 
     * **Authenticate before anything.**  amqtt looks up the session its client
       id names *before* checking the password: a clean CONNECT deleted that
@@ -129,8 +136,8 @@ class AclBroker(Broker):
       replay for filters this session holds and, with ACL on, may read.
     """
 
-    def __init__(self, config: dict[str, Any], *, acl: bool) -> None:
-        super().__init__(config)
+    def __init__(self, config: dict[str, Any], *, acl: bool, flow: FlowSettings | None = None) -> None:
+        super().__init__(config, flow=flow)
         self._acl = acl
         # amqtt 0.12.1 iterates this dict across an await while broadcasting;
         # a SUBSCRIBE at that moment raised "dictionary changed size during
@@ -143,7 +150,8 @@ class AclBroker(Broker):
         """amqtt's version, with the password checked before the session lookup."""
         where = format_client_message(address=remote_address, port=remote_port)
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler, incoming = await FlowHandler.init_from_connect(reader, writer, self.plugins_manager)
+            handler.broker = self
         except AMQTTError as exc:
             self.logger.warning(f"[MQTT-3.1.0-1] {where}: Can't read first packet as CONNECT: {exc}")
             raise AMQTTError(exc) from exc
@@ -242,9 +250,24 @@ def connected_clients(broker: Broker) -> int:
 
 
 def _backlog(broker: Broker) -> int:
-    """Messages received but not yet routed (amqtt 0.12.1 internals; 0 if unknown)."""
+    """Messages received but not yet delivered (amqtt 0.12.1 internals; 0 if unknown)."""
     queue = getattr(broker, "_broadcast_queue", None)
-    return queue.qsize() if isinstance(queue, asyncio.Queue) else 0
+    waiting = queue.qsize() if isinstance(queue, asyncio.Queue) else 0
+    if isinstance(broker, FlowBroker):
+        waiting += broker.flow_stats()["queued"]
+    return waiting
+
+
+async def _log_flow(broker: FlowBroker, every: float, on_flow: Any) -> None:
+    """A ``broker_flow`` line when the back-pressure counters moved (and one at stop, by run_broker)."""
+    last: dict[str, Any] = {}
+    while True:
+        await asyncio.sleep(every)
+        stats = broker.flow_stats()
+        moved = {k: v for k, v in stats.items() if k not in ("routed", "queued", "inflight", "held")}
+        if moved != last:
+            on_flow(stats)
+            last = moved
 
 
 async def run_broker(
@@ -256,17 +279,23 @@ async def run_broker(
     stop: asyncio.Event | None = None,
     on_ready: Any = None,
     grace: float = 0.0,
+    flow: FlowSettings | None = None,
+    flow_log_s: float = 10.0,
+    on_flow: Any = _log_stats,
 ) -> None:
     """Serve until `stop` is set (or the task is cancelled), then shut down cleanly.
 
     With a `grace` (seconds), the broker keeps serving after `stop` until its
     clients have disconnected, at most that long: under ``honcho`` every
     process gets SIGTERM at once, and the others still flush, persist and
-    publish ``offline`` through the broker while they stop.
+    publish ``offline`` through the broker while they stop.  `flow`: the
+    queue bounds (ami.broker.flow); its counters go to `on_flow(stats)` (a
+    ``broker_flow`` log line) every `flow_log_s` when they moved, and at stop.
     """
     config = amqtt_config(broker_settings(host, port, bus_dir=bus_dir, tls_port=tls_port))
-    broker = AclBroker(config, acl=bus_dir is not None)
+    broker = AclBroker(config, acl=bus_dir is not None, flow=flow)
     await broker.start()
+    flow_logger = asyncio.create_task(_log_flow(broker, flow_log_s, on_flow))
     try:
         if on_ready is not None:
             on_ready()
@@ -275,6 +304,8 @@ async def run_broker(
         while (connected_clients(broker) or _backlog(broker)) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
     finally:
+        flow_logger.cancel()
+        on_flow(broker.flow_stats())
         # Shield so a cancellation still lets the listeners close and sessions end.
         await asyncio.shield(broker.shutdown())
 
@@ -318,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_broker(
             host, port, bus_dir=bus_dir, tls_port=tls_port, stop=stop,
-            on_ready=lambda: _ready_line(host, port, bus_dir, tls_port),
+            on_ready=lambda: _ready_line(host, port, bus_dir, tls_port), flow=FlowSettings.from_config(settings),
         )
 
     with contextlib.suppress(KeyboardInterrupt):
