@@ -35,6 +35,7 @@ from ami.machines.handshakes import (
 )
 from ami.machines.headend_state import (
     Attempt,
+    GapRuns,
     GlobalKey,
     MeterState,
     PendingAssociation,
@@ -144,6 +145,11 @@ class Policy:
     gap_fill_delay_s: float = 3.0
     gap_fill_retry_s: float = 10.0
     gap_fill_window: int = 2880
+    #: Runs of missing readings kept per meter (24 bytes a run: a meter at
+    #: the bound holds ~1.9 KB, 20,000 of them ~38 MB).  Beyond it the two
+    #: closest runs become one: the readings between them are asked again
+    #: and the store ignores the duplicates (GapRuns.bound).  0: no bound.
+    gap_fill_max_runs: int = 64
     previous_session_grace_s: float = 60.0
     counter_block: int = 4096
     max_events_per_s: int = 200
@@ -205,7 +211,7 @@ _GENERAL = frozenset({GENERAL_GLO_CIPHERING, GENERAL_DED_CIPHERING})
 _DC = bytes((GENERAL_DED_CIPHERING,))
 
 
-def _gap_ranges(gaps: dict[int, float], now: float, coalesce: int) -> list[list[int]]:
+def _gap_ranges(gaps: GapRuns, now: float, coalesce: int) -> list[list[int]]:
     """The [first, last] ranges to ask for: every run of due gaps, at most
     _GAP_CHUNK seqs each.
 
@@ -217,20 +223,25 @@ def _gap_ranges(gaps: dict[int, float], now: float, coalesce: int) -> list[list[
     than one each.  The readings held already come back as duplicates
     (ignored, never stored twice); a gap asked before its delay at worst
     crosses its own late frame.  Only ranges holding a due gap are asked.
+
+    Works on the runs, not on each seq: O(runs + chunks) per meter.
     """
-    if coalesce <= 0:
-        seqs = sorted(seq for seq, when in gaps.items() if when <= now)
-    else:
-        seqs = sorted(gaps)
     reach = 1 + max(coalesce, 0)
-    ranges: list[list[int]] = []  # [first, last, holds a due gap]
-    for seq in seqs:
-        due = gaps[seq] <= now
-        if ranges and seq - ranges[-1][1] <= reach and seq - ranges[-1][0] < _GAP_CHUNK:
-            ranges[-1][1] = seq
-            ranges[-1][2] = ranges[-1][2] or due
-        else:
-            ranges.append([seq, seq, due])
+    ranges: list[list] = []  # [first, last, holds a due gap]
+    for first, last, when in gaps.runs():
+        due = when <= now
+        if coalesce <= 0 and not due:
+            continue
+        while first <= last:  # the run, chunk by chunk (a seq joins the range before it if close enough)
+            cur = ranges[-1] if ranges else None
+            if cur is not None and first - cur[1] <= reach and first - cur[0] < _GAP_CHUNK:
+                end = min(last, cur[0] + _GAP_CHUNK - 1)
+                cur[1] = end
+                cur[2] = cur[2] or due
+            else:
+                end = min(last, first + _GAP_CHUNK - 1)
+                ranges.append([first, end, due])
+            first = end + 1
     return [[first, last] for first, last, due in ranges if due]
 
 
@@ -451,11 +462,8 @@ class HeadEndEngine:
                            sign_public=row.sign_public)
             if m.suite and m.sign_public is None:
                 raise ValueError(f"{m.meter} is a suite-1 meter without a public signing key in the store")
-            for seq in row.gaps:
-                m.gaps[seq] = now + self.policy.gap_fill_delay_s
-            if m.gaps:
-                self._gap_meters.add(m.meter)
-                heapq.heappush(self._gap_heap, (now + self.policy.gap_fill_delay_s, m.meter))
+            if row.gaps:
+                self._load_gaps(m, row.gaps, now)
             for kt in GLOBAL_TYPES:
                 m.keys[kt] = {}
                 m.slots[kt] = KeySlot()
@@ -532,6 +540,20 @@ class HeadEndEngine:
         self._associating += 1
         m.next_serial = max(m.next_serial, row.serial + 1)
         self._pending_meters.add(m.meter)
+
+    def _load_gaps(self, m: MeterState, stored: list, now: float) -> None:
+        """A meter's stored gaps, all due after gap_fill_delay_s: [first, last]
+        runs, or (a store written before the runs) a flat list of seqs."""
+        due = now + self.policy.gap_fill_delay_s
+        try:
+            m.gaps, skipped = GapRuns.from_persisted(stored, due)
+        except ValueError as exc:
+            raise ValueError(f"{m.meter}: {exc}") from None
+        self.counters["readings_unrecoverable"] += skipped  # beyond 64 bits: no store holds them either
+        self._bound_gaps(m)
+        if m.gaps:
+            self._gap_meters.add(m.meter)
+            heapq.heappush(self._gap_heap, (due, m.meter))
 
     # -- uplink ---------------------------------------------------------------
 
@@ -841,17 +863,11 @@ class HeadEndEngine:
         high = m.high_seq
         if high is None or r.seq > high:
             if high is not None and r.seq > high + 1:
-                first = max(high + 1, r.seq - self.policy.gap_fill_window)
-                if first > high + 1:
-                    self.counters["readings_unrecoverable"] += first - high - 1
-                due = now + self.policy.gap_fill_delay_s
-                for seq in range(first, r.seq):
-                    m.gaps[seq] = due
-                self._gap_meters.add(m.meter)
-                heapq.heappush(self._gap_heap, (due, m.meter))
-                self.counters["gaps_detected"] += r.seq - first
+                self._gap_detected(m, high, r.seq, now)
             m.high_seq = r.seq
-        elif m.gaps.pop(r.seq, None) is None:
+        elif m.gaps.discard(r.seq):
+            self._bound_gaps(m)  # a reading inside a run splits it
+        else:
             self.counters["readings_duplicate"] += 1
             return
         self._dirty_meters.add(m.meter)
@@ -861,6 +877,31 @@ class HeadEndEngine:
             self.counters["readings_gap_filled"] += 1
         if r.sealed_ns is not None:
             self._latencies.append(int(now * 1e9) - r.sealed_ns)
+
+    def _gap_detected(self, m: MeterState, high: int, seq: int, now: float) -> None:
+        """Readings high + 1 .. seq - 1 are missing: the last gap_fill_window
+        of them become one run, asked for after gap_fill_delay_s."""
+        first = max(high + 1, seq - self.policy.gap_fill_window)
+        if first > high + 1:
+            self.counters["readings_unrecoverable"] += first - high - 1
+        if first >= seq:
+            return
+        due = now + self.policy.gap_fill_delay_s
+        if not m.gaps.add(first, seq - 1, due):
+            self.counters["readings_unrecoverable"] += seq - first  # beyond 64 bits: no store holds them either
+            return
+        self._bound_gaps(m)
+        self._gap_meters.add(m.meter)
+        heapq.heappush(self._gap_heap, (due, m.meter))
+        self.counters["gaps_detected"] += seq - first
+
+    def _bound_gaps(self, m: MeterState) -> None:
+        """At most Policy.gap_fill_max_runs runs of gaps per meter (GapRuns.bound)."""
+        bound = self.policy.gap_fill_max_runs
+        if 0 < bound < len(m.gaps):
+            merged, held = m.gaps.bound(bound)
+            self.counters["gap_runs_merged"] += merged
+            self.counters["gap_held_readings_merged"] += held
 
     def _gap_slots_free(self) -> int:
         bound = self.policy.gap_fill_max_in_flight
@@ -876,9 +917,10 @@ class HeadEndEngine:
         for r in msg.readings:
             self._on_reading(m, r, now, gap_fill=True)
         for seq in msg.unavailable:
-            if m.gaps.pop(seq, None) is not None:
+            if m.gaps.discard(seq):
                 self.counters["readings_unrecoverable"] += 1
                 self._dirty_meters.add(m.meter)
+        self._bound_gaps(m)  # an unavailable seq inside a run split it
 
     def _gap_fill(self, now: float) -> None:
         """Ask for the gaps that are due, meters in due order, bounded twice:
@@ -928,12 +970,10 @@ class HeadEndEngine:
                 heapq.heappush(timeouts, (retry, rid))
                 self.counters["gap_fill_requests"] += 1
                 budget -= 1
-                gaps = m.gaps
-                for seq in range(first, last + 1):
-                    if seq in gaps:  # the hole between coalesced ranges holds readings we have
-                        gaps[seq] = retry
+                m.gaps.set_due(first, last, retry)  # only the missing seqs: a coalesced hole holds readings we have
+            self._bound_gaps(m)  # a range ending inside a run split it
             if m.gaps:
-                deferred.append((min(m.gaps.values()), mid))
+                deferred.append((m.gaps.next_due(), mid))
         if self._gap_slots_free() <= 0:
             # Every slot taken: what is due waits for one, in due order.
             while heap and heap[0][0] <= now:

@@ -45,7 +45,10 @@ class MeterRow:
     system_title: bytes
     concentrator: str
     high_seq: int | None = None
-    gaps: list[int] = field(default_factory=list)
+    #: The missing readings as [first, last] runs (inclusive), sorted; stores
+    #: pack the list as it is.  A store written before the runs holds a flat
+    #: list of seqs: the engine loads both (GapRuns.from_persisted).
+    gaps: list[list[int] | int] = field(default_factory=list)
     #: Security suite of the meter's LAN association (0, or 1: ECDSA-signed
     #: ephemeral ECDH) and, in suite 1, its public signing key (X || Y).
     suite: int = 0

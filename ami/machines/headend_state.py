@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import sub
 
 from ami.machines.handshakes import AssociationState, TransferState
 from ami.protocol import Opener, ReceiveCounter, Sealer, SendCounter, Suite0Cipher
@@ -121,6 +125,206 @@ class PendingTransfer:
     setup: str = ""
 
 
+_SEQ_MIN, _SEQ_MAX = -(1 << 63), (1 << 63) - 1  # what the typed arrays (and SQLite's INTEGER) hold
+_NO_RUNS = ()  # shared by every meter without gaps: its arrays are made on the first gap
+
+
+class GapRuns:
+    """A meter's missing readings as runs: [first, last] (inclusive), each
+    with the time it is due (to be asked for, or asked again).
+
+    Memory is O(runs), not O(missing seqs): a 2,880-reading gap is one run
+    (24 bytes in three typed arrays) where a map of seq -> due held 2,880
+    entries (~240 KB).  Runs are sorted and disjoint; two runs may touch
+    (``last + 1 == next first``) when their due times differ (a request
+    asked part of a run).  ``bound`` caps their number per meter (see there).
+    A meter without gaps holds no arrays at all (they are made on its first
+    gap and dropped with its last).
+    """
+
+    __slots__ = ("first", "last", "due")
+
+    def __init__(self) -> None:
+        self.first: array | tuple = _NO_RUNS
+        self.last: array | tuple = _NO_RUNS
+        self.due: array | tuple = _NO_RUNS
+
+    @classmethod
+    def from_persisted(cls, rows: Iterable, due: float) -> tuple["GapRuns", int]:
+        """The runs of a stored gaps column, all due at ``due``, and how many
+        seqs did not fit a 64-bit integer (skipped).  Accepts the format of
+        before the runs (a flat list of seqs) and the runs' ([first, last]
+        pairs), even mixed; the order does not matter."""
+        runs, skipped = cls(), 0
+        for item in rows:
+            if type(item) is int:
+                first = last = item
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and all(type(x) is int for x in item):
+                first, last = item
+            else:
+                raise ValueError(f"a gaps entry is neither a seq nor a [first, last] pair: {item!r}")
+            if first > last:
+                raise ValueError(f"a gap run ends before it starts: {item!r}")
+            if not runs.add(first, last, due):
+                skipped += last - first + 1
+        return runs, skipped
+
+    # -- reading -----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Runs, not seqs (``count`` is the seqs)."""
+        return len(self.first)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """The persisted form, [first, last] pairs (``persisted``): what
+        ``MeterRow.gaps`` holds (``sorted(m.gaps)`` keeps working)."""
+        return iter(self.persisted())
+
+    def __contains__(self, seq: int) -> bool:
+        return self.find(seq) >= 0
+
+    def find(self, seq: int) -> int:
+        """The index of the run holding ``seq``, -1 if none does."""
+        k = bisect_right(self.first, seq) - 1
+        return k if k >= 0 and self.last[k] >= seq else -1
+
+    def runs(self) -> Iterator[tuple[int, int, float]]:
+        """(first, last, due) of every run, in seq order."""
+        return zip(self.first, self.last, self.due)
+
+    def count(self) -> int:
+        """Missing seqs (those folded in by ``bound`` included)."""
+        return sum(self.last) - sum(self.first) + len(self.first)
+
+    def next_due(self) -> float:
+        return min(self.due)
+
+    def persisted(self) -> list[list[int]]:
+        """[first, last] pairs, touching runs joined (their due times are not
+        stored: on load every gap is due after gap_fill_delay_s)."""
+        out: list[list[int]] = []
+        for first, last in zip(self.first, self.last):
+            if out and first == out[-1][1] + 1:
+                out[-1][1] = last
+            else:
+                out.append([first, last])
+        return out
+
+    # -- changing ----------------------------------------------------------------
+
+    def add(self, first: int, last: int, due: float) -> bool:
+        """Seqs first..last are missing, due at ``due``.  Runs they overlap or
+        touch join them (due: the earliest of all).  False (nothing added):
+        a seq beyond 64 bits, which no store could hold either."""
+        if first < _SEQ_MIN or last > _SEQ_MAX:
+            return False
+        if not self.first:
+            self.first, self.last, self.due = array("q", (first,)), array("q", (last,)), array("d", (due,))
+            return True
+        if first > self.last[-1] + 1:  # the usual case: a new gap above every other
+            self.first.append(first)
+            self.last.append(last)
+            self.due.append(due)
+            return True
+        i = bisect_left(self.last, first - 1)  # the first run that ends at first - 1 or later
+        j = bisect_right(self.first, last + 1)  # runs [i, j) overlap or touch first..last
+        if i < j:
+            first = min(first, self.first[i])
+            last = max(last, self.last[j - 1])
+            due = min(due, min(self.due[i:j]))
+        self._replace(i, j, [(first, last, due)])
+        return True
+
+    def discard(self, seq: int) -> bool:
+        """``seq`` is no longer missing: True if it was (its run shrinks or
+        splits in two), False if no run holds it."""
+        k = self.find(seq)
+        if k < 0:
+            return False
+        first, last = self.first[k], self.last[k]
+        if first == last:
+            self._replace(k, k + 1, [])
+        elif seq == first:
+            self.first[k] = seq + 1  # the usual case: a reply fills a run from its start
+        elif seq == last:
+            self.last[k] = seq - 1
+        else:
+            self.last[k] = seq - 1
+            self._replace(k + 1, k + 1, [(seq + 1, last, self.due[k])])
+        return True
+
+    def set_due(self, first: int, last: int, due: float) -> None:
+        """Every missing seq in first..last is due at ``due`` (asked now, to be
+        asked again then); the runs crossing a bound split there."""
+        i = bisect_left(self.last, first)  # the first run ending at first or later
+        j = bisect_right(self.first, last)  # runs [i, j) overlap first..last
+        if i >= j:
+            return
+        pieces: list[tuple[int, int, float]] = []
+        if self.first[i] < first:
+            pieces.append((self.first[i], first - 1, self.due[i]))
+        for k in range(i, j):
+            pieces.append((max(self.first[k], first), min(self.last[k], last), due))
+        if self.last[j - 1] > last:
+            pieces.append((last + 1, self.last[j - 1], self.due[j - 1]))
+        # Neighbours ride along so that touching runs of equal due join.
+        if i > 0:
+            i -= 1
+            pieces.insert(0, (self.first[i], self.last[i], self.due[i]))
+        if j < len(self.first):
+            pieces.append((self.first[j], self.last[j], self.due[j]))
+            j += 1
+        self._replace(i, j, _join_equal_due(pieces))
+
+    def bound(self, max_runs: int) -> tuple[int, int]:
+        """At most ``max_runs`` runs (0: no bound): while there are more, the
+        two runs with the fewest readings between them become one, due at
+        the later of their times (the earlier would ask a run in flight
+        again at once, tick after tick, before its retry time).
+
+        The readings between them, which the head-end holds, are then asked
+        again with the run: harmless, the store keeps a (meter, seq) once
+        (ON CONFLICT DO NOTHING), but such a reading, coming back, counts
+        once more in ``readings_stored`` / ``readings_gap_filled`` (the run
+        cannot tell it from a missing one).  Merging the closest runs folds
+        in the fewest such readings (none for touching runs), and
+        ``gap_fill_coalesce`` asks runs that close in one request anyway.
+        Returns (runs merged, held readings folded in)."""
+        merged = held = 0
+        while 0 < max_runs < len(self.first):
+            k = self._closest_pair()
+            held += self.first[k + 1] - self.last[k] - 1
+            self.last[k] = self.last[k + 1]
+            self.due[k] = max(self.due[k], self.due[k + 1])
+            del self.first[k + 1], self.last[k + 1], self.due[k + 1]
+            merged += 1
+        return merged, held
+
+    def _closest_pair(self) -> int:
+        """k such that runs k and k + 1 have the fewest seqs between them (the first such)."""
+        holes = list(map(sub, self.first[1:], self.last))  # map/min in C: this runs on every gap past the bound
+        return holes.index(min(holes))
+
+    def _replace(self, i: int, j: int, runs: list[tuple[int, int, float]]) -> None:
+        """Runs [i, j) become ``runs`` (sorted, disjoint); no run left: no arrays."""
+        self.first[i:j] = array("q", [r[0] for r in runs])
+        self.last[i:j] = array("q", [r[1] for r in runs])
+        self.due[i:j] = array("d", [r[2] for r in runs])
+        if not self.first:
+            self.first = self.last = self.due = _NO_RUNS
+
+
+def _join_equal_due(runs: list[tuple[int, int, float]]) -> list[tuple[int, int, float]]:
+    """Touching runs with the same due time become one."""
+    out: list[tuple[int, int, float]] = []
+    for run in runs:
+        if out and run[0] == out[-1][1] + 1 and run[2] == out[-1][2]:
+            out[-1] = (out[-1][0], run[1], run[2])
+        else:
+            out.append(run)
+    return out
+
+
 @dataclass(slots=True)
 class MeterState:
     meter: str
@@ -137,7 +341,8 @@ class MeterState:
     transfer: PendingTransfer | None = None
     wanted_transfers: list[KeyType] = field(default_factory=list)
     high_seq: int | None = None
-    gaps: dict[int, float] = field(default_factory=dict)  # seq -> when to ask (again)
+    #: The readings missing below ``high_seq``, as runs (gap-fill asks them).
+    gaps: GapRuns = field(default_factory=GapRuns)
     auth_failures: int = 0
     last_aare: bytes = b""  # the AARE that completed the current session
     #: request id -> (command id, reply topic, deadline)

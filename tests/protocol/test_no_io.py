@@ -30,7 +30,7 @@ ALLOWED_IMPORTS = {
 }
 # The state machines may also use these pure modules, and the core (ami.protocol)
 # and each other (ami.machines), nothing else of ours.
-MACHINES_ALLOWED_IMPORTS = ALLOWED_IMPORTS | {"collections", "heapq", "math", "ami"}
+MACHINES_ALLOWED_IMPORTS = ALLOWED_IMPORTS | {"array", "bisect", "collections", "operator", "heapq", "math", "ami"}  # pure data structures
 MACHINES_ALLOWED_OURS = ("ami.protocol", "ami.machines")
 FORBIDDEN_CALLS = {"open", "print", "input", "exec", "eval", "compile", "__import__", "breakpoint"}
 
