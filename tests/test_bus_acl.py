@@ -175,14 +175,14 @@ class _FixedTokens:
 
     def token_urlsafe(self, nbytes: int | None = None) -> str:
         self.n += 1
-        return f"pw{self.n}"
+        return f"pw-{self.n}-"  # "-" is outside the hashes' base64: no chance match in a password file
 
 
 def test_write_bus_security_files(tmp_path: Path) -> None:
     sec = write_bus_security(tmp_path, ["c0001", "c0002"], rng=_FixedTokens())
     assert sec.bus_dir == tmp_path / "bus"
     assert sec.users == bus_users(["c0001", "c0002"])
-    assert sec.password("plc-c0001") == "pw1"  # rng is the only source of passwords
+    assert sec.password("plc-c0001") == "pw-1-"  # rng is the only source of passwords
     # One file per identity, holding that identity's password and nothing else.
     assert read_all_identities(sec.bus_dir) == {u: sec.password(u) for u in sec.users}
     assert read_identity(sec.bus_dir, "monitor") == sec.password("monitor")
