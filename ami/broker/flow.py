@@ -63,6 +63,8 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from ami.runtime.mqtt import encode_length
+
 
 @dataclass(frozen=True)
 class FlowSettings:
@@ -98,19 +100,10 @@ class FlowStats:
     routed: int = 0  # messages routed
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 127, n >> 7
-        out.append(byte | 128 if n else byte)
-        if not n:
-            return bytes(out)
-
-
 def publish_bytes(topic: bytes, data: bytes, qos: int, pid: int) -> bytes:
     """One PUBLISH (DUP 0, RETAIN 0): built directly, amqtt's packet classes cost ~10x."""
     head = len(topic).to_bytes(2, "big") + topic + (pid.to_bytes(2, "big") if qos else b"")
-    return bytes((0x30 | qos << 1,)) + _remaining_length(len(head) + len(data)) + head + data
+    return bytes((0x30 | qos << 1,)) + encode_length(len(head) + len(data)) + head + data
 
 
 class FlowHandler(BrokerProtocolHandler):
